@@ -1,0 +1,230 @@
+"""Run mlx-lm's own Qwen2 / Llama modules with MemoSight positions and masks.
+
+mlx-lm's attention layers call ``rope(x, offset=cache.offset)``,
+``cache.update_and_fetch(k, v)`` and take their mask from
+``cache.make_mask(...)``. This module plugs into exactly those hooks:
+
+* each layer's RoPE is wrapped by :class:`TokenRoPE`, which rotates every token
+  by its own position when the offset it receives is a :class:`TokenPositions`
+  (and defers to the wrapped RoPE otherwise, so the model still works with
+  mlx-lm's own caches and generation);
+* a per-pass context object stands in for the cache: its ``offset`` is the
+  pass's positions and ``make_mask`` returns the pass's mask. A KV cache that
+  stores entries (``mlx_memosight.cache``) does the same.
+
+No mlx-lm model file is copied or edited, weights keep mlx-lm's names, and
+``mlx_lm.load`` / quantisation / LoRA keep working on the same objects.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import SUPPORTED_FAMILIES, ConfigError, MemoSightConfig
+from .layout import attention_mask
+
+
+class TokenPositions:
+    """Per-token position ids ``(B, L)`` carried through mlx-lm's ``offset``."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: mx.array):
+        self.array = array
+
+
+class TokenRoPE(nn.Module):
+    """Wraps an mlx-lm RoPE module so that each token can have its own position.
+
+    ``mx.fast.rope`` takes one offset per batch element; treating every token
+    as a batch element of length one applies an arbitrary position per token
+    with the wrapped module's own frequencies and scaling.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def __call__(self, x: mx.array, offset: Union[int, mx.array, TokenPositions] = 0):
+        if not isinstance(offset, TokenPositions):
+            return self.base(x, offset=offset)
+        B, H, L, D = x.shape
+        pos = offset.array
+        y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+        y = self.base(y, offset=pos.reshape(-1))
+        return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+def attach_token_rope(model: nn.Module) -> nn.Module:
+    """Wrap every attention layer's RoPE in place (idempotent)."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        if not isinstance(attn.rope, TokenRoPE):
+            attn.rope = TokenRoPE(attn.rope)
+    return model
+
+
+class PassContext:
+    """Stands in for every layer's cache during one uncached pass: it supplies
+    positions and the mask and hands keys and values straight back."""
+
+    def __init__(self, positions, mask):
+        self.offset = positions
+        self.mask = mask
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def make_mask(self, *args, **kwargs):
+        return self.mask
+
+    def __bool__(self):
+        return True
+
+
+def _as_positions(positions, batch: int, length: int):
+    if isinstance(positions, int):
+        return positions
+    pos = mx.array(positions) if not isinstance(positions, mx.array) else positions
+    if pos.ndim == 1:
+        pos = pos[None]
+    if pos.shape != (batch, length):
+        pos = mx.broadcast_to(pos, (batch, length))
+    return TokenPositions(pos.astype(mx.int32))
+
+
+def _as_mask(mask, batch: int):
+    if mask is None or isinstance(mask, str):
+        return mask
+    m = mx.array(mask) if not isinstance(mask, mx.array) else mask
+    if m.ndim == 2:
+        return m
+    if m.ndim == 3:  # (B, Q, K) -> (B, 1, Q, K), broadcast over heads
+        return m[:, None]
+    return m
+
+
+def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
+    """Logits from the final hidden states (tied or untied head)."""
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def forward(
+    model: nn.Module,
+    tokens,
+    positions,
+    mask=None,
+    cache: Optional[Sequence[Any]] = None,
+    rows=None,
+    hidden: bool = False,
+) -> mx.array:
+    """One MemoSight forward pass through an mlx-lm Qwen2 / Llama model.
+
+    Args:
+        model: an mlx-lm model with :func:`attach_token_rope` applied.
+        tokens: ``(L,)`` or ``(B, L)`` token ids.
+        positions: per-token position ids (``(L,)`` or ``(B, L)``), or an int
+            for contiguous positions starting there.
+        mask: boolean ``(Q, K)`` / ``(B, Q, K)`` mask, ``"causal"`` or None.
+        cache: per-layer cache objects (``mlx_memosight.cache``); when given,
+            they must already hold this pass's positions and mask.
+        rows: only compute logits at these rows (indices along L).
+        hidden: return the final hidden states instead of logits.
+
+    Returns:
+        ``(B, L, V)`` logits (or ``(B, len(rows), V)``).
+    """
+    x = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
+    if x.ndim == 1:
+        x = x[None]
+    B, L = x.shape
+    if cache is None:
+        ctx = PassContext(_as_positions(positions, B, L), _as_mask(mask, B))
+        cache = [ctx] * len(model.layers)
+    h = model.model(x, cache)
+    if rows is not None:
+        h = h[:, rows]
+    if hidden:
+        return h
+    return lm_head(model, h)
+
+
+def rule_mask(query_slot, query_limit, key_visible_until) -> mx.array:
+    """The compact rule's boolean mask as an MLX array."""
+    return attention_mask(
+        mx.array(query_slot), mx.array(query_limit), mx.array(key_visible_until), xp=mx
+    )
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def normalize_hf_config(config: dict) -> dict:
+    """Bring a Hugging Face ``config.json`` into the shape mlx-lm reads.
+
+    transformers 5 writes ``rope_theta`` and the scaling settings under
+    ``rope_parameters``; mlx-lm only reads the top-level keys and silently
+    falls back to its defaults otherwise.
+    """
+    config = dict(config)
+    rp = config.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        config.setdefault("rope_theta", rp["rope_theta"])
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        if rope_type != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return config
+
+
+def read_hf_config(model_path: Path) -> dict:
+    path = Path(model_path) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})")
+    if config.get("model_type") not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"{path}: model_type {config.get('model_type')!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
+        )
+    return config
+
+
+def load_model(model_path, lazy: bool = False):
+    """Load the weights of an mlx-lm model folder, MemoSight-ready.
+
+    Returns:
+        ``(model, config)`` where ``config`` is the normalised ``config.json``.
+    """
+    from mlx_lm.utils import load_model as _load_model
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise ConfigError(f"{model_path}: not a model folder")
+    normalized = normalize_hf_config(read_hf_config(model_path))
+    overrides = {k: normalized[k] for k in ("rope_theta", "rope_scaling") if k in normalized}
+    model, config = _load_model(model_path, lazy=lazy, model_config=overrides)
+    attach_token_rope(model)
+    return model, config
+
+
+def load(model_path, lazy: bool = False):
+    """Load a model folder with its tokenizer and MemoSight configuration.
+
+    Returns:
+        ``(model, tokenizer, memosight_config_or_None)``.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    model, config = load_model(model_path, lazy=lazy)
+    tokenizer = load_tokenizer(Path(model_path), eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, MemoSightConfig.load(model_path)

@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHARED = Path(os.environ.get("MEMOSIGHT_SHARED", ROOT.parent / "shared"))
+
+
+def shared_path(*parts) -> Path:
+    """A path under ../shared, or skip the test with the reason."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent: this test needs ../shared beside the repository")
+    return p
+
+
+@pytest.fixture
+def qwen2_tokenizer_path():
+    return shared_path("tokenizers", "qwen2")
+
+
+@pytest.fixture
+def llama3_tokenizer_path():
+    return shared_path("tokenizers", "llama3")
