@@ -10,19 +10,24 @@ mlx-lm's attention layers call ``rope(x, offset=cache.offset)``,
   mlx-lm's own caches and generation);
 * a per-pass context object stands in for the cache: its ``offset`` is the
   pass's positions and ``make_mask`` returns the pass's mask. A KV cache that
-  stores entries (``mlx_memosight.cache``) does the same.
+  stores entries (``mlx_memosight.cache``) does the same;
+* the module-level attention function of the model's file is wrapped so that
+  a mask given in the layout's compact form (:class:`kernels.CompactMask`)
+  goes to the kernel dispatcher (all other calls pass through unchanged).
 
 No mlx-lm model file is copied or edited, weights keep mlx-lm's names, and
 ``mlx_lm.load`` / quantisation / LoRA keep working on the same objects.
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .config import SUPPORTED_FAMILIES, ConfigError, MemoSightConfig
 from .layout import attention_mask
 
@@ -58,12 +63,30 @@ class TokenRoPE(nn.Module):
         return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
+def _install_attention_hook(module):
+    """Route attention with a :class:`kernels.CompactMask` to the kernel
+    dispatcher; every other call goes to mlx-lm's own function unchanged."""
+    original = getattr(module, "scaled_dot_product_attention", None)
+    if original is None or getattr(original, "memosight_hook", False):
+        return
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, **kwargs):
+        if isinstance(mask, kernels.CompactMask):
+            return kernels.attention(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache, scale, mask, *args, **kwargs)
+
+    scaled_dot_product_attention.memosight_hook = True
+    module.scaled_dot_product_attention = scaled_dot_product_attention
+
+
 def attach_token_rope(model: nn.Module) -> nn.Module:
-    """Wrap every attention layer's RoPE in place (idempotent)."""
+    """Make an mlx-lm model MemoSight-ready, in place (idempotent): wrap every
+    attention layer's RoPE and hook its module's attention function."""
     for layer in model.layers:
         attn = layer.self_attn
         if not isinstance(attn.rope, TokenRoPE):
             attn.rope = TokenRoPE(attn.rope)
+        _install_attention_hook(sys.modules[type(attn).__module__])
     return model
 
 
@@ -97,7 +120,7 @@ def _as_positions(positions, batch: int, length: int):
 
 
 def _as_mask(mask, batch: int):
-    if mask is None or isinstance(mask, str):
+    if mask is None or isinstance(mask, (str, kernels.CompactMask)):
         return mask
     m = mx.array(mask) if not isinstance(mask, mx.array) else mask
     if m.ndim == 2:

@@ -138,3 +138,17 @@ def test_rows_and_contiguous_offsets(models):
     full = mlx_logits(mlx_model, ids, list(range(5, 17)), causal)
     part = np.array(forward(mlx_model, ids, 5, "causal", rows=[3, 11])[0])
     np.testing.assert_allclose(part, full[[3, 11]], atol=1e-5, rtol=0)
+
+
+def test_compact_mask_route_equals_bool_mask(models):
+    """A mask in the layout's compact form goes through the attention hook and
+    gives the same logits as the materialised mask."""
+    from mlx_memosight.kernels import CompactMask
+
+    _, _, mlx_model, _ = models
+    rng = np.random.default_rng(4)
+    steps, tl = random_steps(rng, 3, IDS)
+    s = build_training_sample([5, 6, 7], steps, IDS, 2, 1, thought_lens=tl)
+    a = np.array(forward(mlx_model, s.input_ids, s.positions, CompactMask.from_rule(s.rule)))
+    b = np.array(forward(mlx_model, s.input_ids, s.positions, mx.array(s.mask())))
+    np.testing.assert_array_equal(a, b)
