@@ -149,7 +149,8 @@ def run(args):
             rank0_print(f"Notice: {ds.dropped} examples of {split}.jsonl have no trained token left after "
                    f"truncation and were dropped")
         if not len(ds):
-            raise DataError(f"{split}.jsonl: no examples left to train on")
+            raise DataError(f"{split}.jsonl: no examples left ({ds.dropped} have no trained token "
+                            f"within --max-seq-length {args.max_seq_length})")
         datasets[split] = ds
 
     if args.save_base:

@@ -1,0 +1,113 @@
+"""Turning a plain base model into a MemoSight model (SPEC section 1), and the
+LoRA update restricted to the MemoSight tokens' rows."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_memosight.config import SPECIAL_TOKENS
+from mlx_memosight.train import (
+    add_token_rows,
+    load_base,
+    memosight_token_rows,
+    prepare,
+    setup_trainable,
+)
+from train_helpers import make_base_model
+
+
+def spec_rows(base: np.ndarray, n_base: int, tokenizer, added) -> np.ndarray:
+    """SPEC's initialisation written out: rows of the added tokens, set in
+    reverse order to the mean of their description's rows; an added token not
+    yet set reads the mean of the base rows."""
+    fresh = base[:n_base].mean(axis=0)
+    rows = np.concatenate([base[:n_base], np.tile(fresh, (len(added), 1))])
+    for k in reversed(range(len(added))):
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(added[k][1]))
+        rows[n_base + k] = rows[ids].mean(axis=0)
+    return rows
+
+
+@pytest.mark.parametrize("family, extra_rows", [("qwen2", 20), ("llama", 0)])
+def test_added_rows_follow_spec(tmp_path, family, extra_rows):
+    path = make_base_model(tmp_path / "base", family, extra_rows=extra_rows)
+    model, tok, hf_config, cfg = load_base(path)
+    assert cfg is None
+    n_base = len(tok)
+    embed = np.array(model.model.embed_tokens.weight)
+    head = None if family == "qwen2" else np.array(model.lm_head.weight)
+    cfg, added = prepare(model, tok, hf_config, cfg, compression_ratio=4)
+    assert [t for t, _ in added] == [t for t, _ in SPECIAL_TOKENS]  # "\n\n" is not in this vocab
+    assert len(tok) == n_base + len(SPECIAL_TOKENS)
+    assert cfg.token_ids.splitter == n_base and cfg.compression_ratio == 4
+    assert cfg.max_offset == (2 if family == "qwen2" else 3)
+    assert hf_config["vocab_size"] == len(tok) and hf_config["max_offset"] == cfg.max_offset
+    hf_tok = tok._tokenizer
+    np.testing.assert_allclose(np.array(model.model.embed_tokens.weight),
+                               spec_rows(embed, n_base, hf_tok, added), rtol=1e-6, atol=1e-7)
+    if head is not None:
+        np.testing.assert_allclose(np.array(model.lm_head.weight),
+                                   spec_rows(head, n_base, hf_tok, added), rtol=1e-6, atol=1e-7)
+    # "\n\n" tokenises to the added "\n\n" token, so the splitter takes its row
+    nn_id = hf_tok.convert_tokens_to_ids("\n\n")
+    E = np.array(model.model.embed_tokens.weight)
+    np.testing.assert_array_equal(E[cfg.token_ids.splitter], E[nn_id])
+    assert model.args.vocab_size == len(tok)
+    # a second call adds nothing
+    assert add_token_rows(model, tok) == []
+
+
+def test_quantized_base_gets_quantized_rows(tmp_path):
+    path = make_base_model(tmp_path / "base", "llama")
+    model, tok, hf_config, _ = load_base(path)
+    ref, ref_tok, _, _ = load_base(path)
+    add_token_rows(ref, ref_tok)
+    nn.quantize(model, group_size=32, bits=8)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    prepare(model, tok, hf_config)
+    for q, f in ((model.model.embed_tokens, ref.model.embed_tokens), (model.lm_head, ref.lm_head)):
+        w = mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=8)
+        assert w.shape == f.weight.shape
+        np.testing.assert_allclose(np.array(w), np.array(f.weight), atol=0.02)
+    # QLoRA on the quantised model runs, and the token rows are adapted
+    setup_trainable(model, "lora", -1, token_rows=memosight_token_rows(tok))
+    names = dict(tree_flatten(model.trainable_parameters()))
+    assert "model.embed_tokens.lora_a" in names and "lm_head.lora_b" in names
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_token_row_update_touches_only_memosight_rows(tmp_path, kind, family):
+    path = make_base_model(tmp_path / "base", family)
+    model, tok, hf_config, _ = load_base(path)
+    prepare(model, tok, hf_config)
+    rows = memosight_token_rows(tok)
+    assert rows == list(range(300, 300 + len(SPECIAL_TOKENS)))
+    setup_trainable(model, kind, -1, token_rows=rows)
+    x = mx.array([[3, 4, 5, rows[0], rows[5], rows[-1]]])
+    # the adapted model computes the base model's function at the start
+    plain, plain_tok, plain_config, _ = load_base(path)
+    prepare(plain, plain_tok, plain_config)
+    np.testing.assert_allclose(np.array(model(x)), np.array(plain(x)), atol=1e-5)
+
+    def loss(model, x):
+        return (model(x) ** 2).mean()
+
+    emb = model.model.embed_tokens
+    emb.lora_b = mx.random.normal(emb.lora_b.shape)  # as after some training
+    _, grads = nn.value_and_grad(model, loss)(model, x)
+    grads = dict(tree_flatten(grads))
+    a = np.array(grads["model.embed_tokens.lora_a"])
+    base = np.ones(a.shape[0], bool)
+    base[rows] = False
+    assert np.all(a[base] == 0) and np.abs(a[rows]).max() > 0
+    assert np.all(np.array(emb.lora_a)[base] == 0)
+    if kind == "dora":
+        m = np.array(grads["model.embed_tokens.m"])
+        assert np.all(m[base] == 0) and np.abs(m[rows]).max() > 0
+    if family == "llama":
+        b = np.array(grads["lm_head.lora_b"])
+        assert np.all(b[:, base] == 0) and np.abs(b[:, rows]).max() > 0
