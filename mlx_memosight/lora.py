@@ -127,7 +127,7 @@ def run(args):
     model, tokenizer, hf_config, cfg = load_base(args.model)
     cfg, added = prepare(
         model, tokenizer, hf_config, cfg,
-        template=TEMPLATES[args.template] if args.template else None,
+        template=args.template,
         compression_ratio=args.compression_ratio, max_offset=args.max_offset,
         lm_loss_weight=args.lm_loss_weight, mtp_loss_weight=args.mtp_loss_weight,
     )

@@ -16,6 +16,7 @@
 * :func:`fuse` writes a standalone MemoSight model folder.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,7 +38,9 @@ from .config import (
     DOUBLE_NEWLINE,
     SPECIAL_TOKENS,
     ConfigError,
+    TEMPLATES,
     MemoSightConfig,
+    Template,
     _token_id,
     add_memosight_tokens,
     build_config,
@@ -57,7 +60,10 @@ class TrainError(ValueError):
 
 
 def _raw_tokenizer(tokenizer):
-    return getattr(tokenizer, "_tokenizer", tokenizer)
+    """The Hugging Face tokenizer inside mlx-lm's wrapper (or the tokenizer itself)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
 
 
 def _is_tied(model) -> bool:
@@ -176,6 +182,19 @@ def memosight_token_rows(tokenizer) -> List[int]:
     return sorted(set(ids))
 
 
+def template_named(name: str, tokenizer) -> Template:
+    """A prompt template by name; ``plain`` takes the tokenizer's own BOS / EOS."""
+    if name not in TEMPLATES:
+        raise ConfigError(f"--template {name!r}: expected one of {', '.join(TEMPLATES)}")
+    t = TEMPLATES[name]
+    if name == "plain":
+        tok = _raw_tokenizer(tokenizer)
+        if getattr(tok, "eos_token", None) is None:
+            raise ConfigError("--template plain: the tokenizer has no EOS token")
+        t = dataclasses.replace(t, bos=getattr(tok, "bos_token", None), eos=tok.eos_token)
+    return t
+
+
 def prepare(model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig] = None,
             template=None, **overrides):
     """Make a loaded model MemoSight-ready for training, in place.
@@ -183,23 +202,32 @@ def prepare(model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig] = 
     Adds the MemoSight tokens and rows when the tokenizer lacks them, and
     returns the configuration: ``cfg`` (the model's ``memosight.json``) when
     given, else built from the family defaults and the checkpoint's extra
-    ``config.json`` keys; ``overrides`` (compression_ratio, max_offset,
-    lm_loss_weight, mtp_loss_weight; None leaves a value) win.
+    ``config.json`` keys; ``template`` (a name or a :class:`config.Template`)
+    and ``overrides`` (compression_ratio,
+    max_offset, lm_loss_weight, mtp_loss_weight; None leaves a value) win.
 
     Returns:
         ``(cfg, added)`` where ``added`` lists the tokens that were added.
     """
     attach_token_rope(model)
     added = add_token_rows(model, tokenizer)
+    if isinstance(template, str):
+        template = template_named(template, tokenizer)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if cfg is None or added:
+    if cfg is not None and not added and template is None:
+        if overrides:
+            d = cfg.to_dict()
+            d.update(overrides)
+            cfg = MemoSightConfig.from_dict(d, "configuration")
+    else:
+        values = {}
+        if cfg is not None and not added:  # a new template for a MemoSight model
+            values = {k: getattr(cfg, k) for k in
+                      ("compression_ratio", "max_offset", "lm_loss_weight", "mtp_loss_weight", "draft_len")}
+        values.update(overrides)
         cfg = build_config(_raw_tokenizer(tokenizer), hf_config.get("model_type"), hf_config,
-                           template=template, **overrides)
-    elif overrides:
-        d = cfg.to_dict()
-        d.update(overrides)
-        cfg = MemoSightConfig.from_dict(d, "configuration")
-    hf_config["vocab_size"] = int(model.model.embed_tokens.weight.shape[0])
+                           template=template, **values)
+    hf_config["vocab_size"] = cfg_vocab(model)
     for key in ("lm_loss_weight", "mtp_loss_weight", "max_offset"):
         hf_config[key] = getattr(cfg, key)
     return cfg, added
@@ -453,7 +481,7 @@ def load_resume(model, adapter_file, fingerprint: Optional[str] = None):
         if name not in params:
             raise TrainError(
                 f"{path}: {name} is not trainable in this model (adapters of another model "
-                f"or another --fine-tune-type / --num-layers)"
+                f"or another --fine-tune-type / --num-layers / --freeze-token-rows)"
             )
         if w.shape != params[name].shape:
             raise TrainError(

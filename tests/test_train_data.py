@@ -189,7 +189,6 @@ def test_step_weights_normalise_each_stream_over_the_step():
     batches = BatchIterator(0.7, 0.3, grad_accumulation_steps=K)(ds, 2, loop=True)
     lm = mtp = 0.0
     for _ in range(K):
-        b = batch_arrays  # noqa: F841 (the layout of the tuple)
         inputs, _, _, _, _, rows, targets, weights, _ = next(batches)
         rows, weights, inputs = np.array(rows), np.array(weights), np.array(inputs)
         fs = np.take_along_axis(inputs, rows, axis=1) == IDS.foresight

@@ -8,12 +8,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_memosight.config import SPECIAL_TOKENS
+from mlx_memosight.config import SPECIAL_TOKENS, ConfigError
 from mlx_memosight.train import (
+    TrainError,
     add_token_rows,
     load_base,
     memosight_token_rows,
     prepare,
+    save_model,
     setup_trainable,
 )
 from train_helpers import make_base_model
@@ -111,3 +113,25 @@ def test_token_row_update_touches_only_memosight_rows(tmp_path, kind, family):
     if family == "llama":
         b = np.array(grads["lm_head.lora_b"])
         assert np.all(b[:, base] == 0) and np.abs(b[:, rows]).max() > 0
+
+
+def test_memosight_model_keeps_its_configuration(tmp_path):
+    path = make_base_model(tmp_path / "base", "qwen2")
+    model, tok, hf_config, _ = load_base(path)
+    cfg, _ = prepare(model, tok, hf_config, max_offset=1)
+    saved = save_model(tmp_path / "ms", model, tok, hf_config, cfg)
+    with pytest.raises(TrainError, match=r"ms: already exists \(--save-path"):
+        save_model(saved, model, tok, hf_config, cfg)
+    model2, tok2, hf2, cfg2 = load_base(saved)
+    assert cfg2.to_dict() == cfg.to_dict() and hf2["max_offset"] == 1 and hf2["vocab_size"] == 609
+    again, added = prepare(model2, tok2, hf2, cfg2)
+    assert added == [] and again.to_dict() == cfg.to_dict()
+    changed, _ = prepare(model2, tok2, hf2, cfg2, compression_ratio=4)
+    assert changed.compression_ratio == 4 and changed.token_ids == cfg.token_ids
+    plain, _ = prepare(model2, tok2, hf2, cfg2, template="plain")
+    assert plain.template.name == "plain" and plain.max_offset == 1
+    assert plain.template.eos == "<|endoftext|>" and plain.token_ids.eos == 0
+    with pytest.raises(ConfigError, match="compression_ratio must be >= 1"):
+        prepare(model2, tok2, hf2, cfg2, compression_ratio=0)
+    x = mx.array([[1, 5, 300, 400]])
+    np.testing.assert_array_equal(np.array(model(x)), np.array(model2(x)))
