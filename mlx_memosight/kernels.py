@@ -226,10 +226,8 @@ class AttentionPlan:
             ("RS", rs),
             ("SPLIT", self.splits > 1),
         ]
-
-    @property
-    def key(self):
-        return tuple((n, str(v)) for n, v in self.template)
+        # Inputs under 8 elements are bound as constant memory: another variant.
+        self.key = tuple((n, str(v)) for n, v in self.template) + (B * Q < 8, B * K < 8)
 
 
 def attention_supported(queries, keys, values, mask: CompactMask) -> bool:
@@ -252,6 +250,8 @@ def attention_supported(queries, keys, values, mask: CompactMask) -> bool:
         and mask.num_keys == K
         and mask.query_slot.shape[-1] == Q
         and mask.query_limit.shape[-1] == Q
+        and all(x.ndim == 1 or (x.ndim == 2 and x.shape[0] == B)
+                for x in (mask.query_slot, mask.query_limit, mask.key_visible_until))
     )
 
 

@@ -8,6 +8,10 @@
 // as in uniform control flow on the GPU). Threadgroup arrays declared in a
 // kernel body are rewritten by the emulator into memory shared by the
 // threads of one threadgroup.
+//
+// Not emulated: address spaces are erased (mixing a constant and a device
+// pointer compiles here but not for Metal), simd operations in divergent
+// code, and Metal's own reduction order (simd_sum adds lanes in order).
 #pragma once
 
 #include <cmath>
