@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import TOLERANCE, as_numpy, attention_inputs, emulator, fresh_seed, make_rule  # noqa: F401
+from kernel_cases import as_numpy, attention_inputs, emulator, fresh_seed, make_rule  # noqa: F401
 from metal_emulation.emulator import EmulationError, full_source
 from mlx_memosight import kernels
 from mlx_memosight.cache import KVCache
