@@ -184,15 +184,25 @@ out[i * 6 + 5] = float(static_cast<T>(x * 1.001f));
 """
 
 
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_simd_operations_and_rounding(emulator, dtype):
+@pytest.mark.parametrize(
+    "dtype,soft_half", [(mx.float16, False), (mx.float16, True), (mx.bfloat16, False)],
+    ids=["float16", "float16-without-_Float16", "bfloat16"],
+)
+def test_simd_operations_and_rounding(emulator, tmp_path, dtype, soft_half):
+    if soft_half:
+        from metal_emulation.emulator import Emulator
+
+        emulator = Emulator(tmp_path, flags=["-DMETAL_EMU_SOFT_HALF"])
     k = _kernel("simd_check", ["a"], ["out"], SIMD_SOURCE)
-    a = np.random.default_rng(fresh_seed()).standard_normal(128).astype(np.float32)
+    rng = np.random.default_rng(fresh_seed())
+    # normal, subnormal and out-of-range half values
+    a = (rng.standard_normal(128) * np.exp2(rng.integers(-26, 18, size=128))).astype(np.float32)
     (out,) = emulator(k, inputs=[mx.array(a)], template=[("T", dtype)], grid=(128, 1, 1),
                       threadgroup=(64, 1, 1), output_shapes=[(128, 6)], output_dtypes=[mx.float32])
     out = np.array(out)
     sg = a.reshape(4, 32)
-    np.testing.assert_allclose(out[:, 0], np.repeat(sg.sum(1), 32), rtol=1e-5, atol=1e-5)
+    # simd_sum adds the lanes in order, in float32
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.cumsum(sg, axis=1, dtype=np.float32)[:, -1], 32))
     np.testing.assert_array_equal(out[:, 1], np.repeat(sg.max(1), 32))
     np.testing.assert_array_equal(out[:, 2], sg[:, ::-1].reshape(-1))
     np.testing.assert_array_equal(out[:, 3], sg[:, np.arange(32) ^ 3].reshape(-1))

@@ -279,9 +279,10 @@ class Emulator:
         cache_dir: where compiled binaries are kept (by source hash).
         seed: the thread schedule's seed; fresh for each call by default.
         cxx: the C++ compiler (default: ``$CXX``, else ``c++`` or ``g++``).
+        flags: extra compiler flags.
     """
 
-    def __init__(self, cache_dir=None, seed=None, cxx=None, timeout=300):
+    def __init__(self, cache_dir=None, seed=None, cxx=None, timeout=300, flags=()):
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="metal-emulation-"))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
@@ -289,11 +290,12 @@ class Emulator:
         if self.cxx is None:
             raise EmulationError("no C++ compiler found (set CXX)")
         self.timeout = timeout
+        self.flags = list(flags)
         self.last_source = None
 
     # -- compilation -----------------------------------------------------------
     def _runtime_object(self) -> Path:
-        text = (HERE / "runtime.cpp").read_text() + (HERE / "metal_emulation.h").read_text()
+        text = (HERE / "runtime.cpp").read_text() + (HERE / "metal_emulation.h").read_text() + str(self.flags)
         obj = self.cache_dir / f"runtime-{hashlib.sha256(text.encode()).hexdigest()[:16]}.o"
         if not obj.exists():
             self._compile(["-O2", "-c", str(HERE / "runtime.cpp"), "-o"], obj)
@@ -302,7 +304,7 @@ class Emulator:
     def _compile(self, args, target: Path):
         tmp = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
         cmd = [self.cxx, "-std=c++20", "-pthread", "-Wno-attributes", "-Wno-unknown-attributes",
-               f"-I{HERE}"] + args + [str(tmp)]
+               f"-I{HERE}"] + self.flags + args + [str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise EmulationError(f"compiling for the emulator failed:\n{r.stderr[-4000:]}")
@@ -313,7 +315,7 @@ class Emulator:
         unit = _translation_unit(kernel, inputs, template, output_dtypes)
         self.last_source = unit
         runtime = self._runtime_object()
-        key = hashlib.sha256((unit + runtime.name).encode()).hexdigest()[:20]
+        key = hashlib.sha256((unit + runtime.name + str(self.flags)).encode()).hexdigest()[:20]
         binary = self.cache_dir / f"{kernel.name}-{key}"
         if not binary.exists():
             source = self.cache_dir / f"{kernel.name}-{key}.cpp"

@@ -26,7 +26,52 @@
 #define threadgroup
 
 typedef unsigned int uint;
+
+#if defined(__FLT16_MAX__) && !defined(METAL_EMU_SOFT_HALF)
 typedef _Float16 half;
+#else
+// For compilers without _Float16: IEEE half with round-to-nearest-even.
+struct half {
+  uint16_t bits;
+  half() = default;
+  half(float f) : bits(from_float(f)) {}
+  operator float() const {
+    uint32_t sign = uint32_t(bits & 0x8000u) << 16;
+    uint32_t e = (bits >> 10) & 0x1fu, m = bits & 0x3ffu;
+    if (e == 0) {
+      float f = float(m) * (1.0f / 16777216.0f);
+      return sign ? -f : f;
+    }
+    uint32_t u = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static uint16_t from_float(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) {
+      return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    }
+    if (a >= 0x477ff000u) {  // rounds to infinity
+      return sign | 0x7c00u;
+    }
+    if (a < 0x38800000u) {  // subnormal: a * 2^24 is exact, nearbyint rounds to even
+      float x;
+      std::memcpy(&x, &a, 4);
+      return sign | uint16_t(std::nearbyint(x * 16777216.0f));
+    }
+    uint32_t h = ((a >> 23) - 112u) << 10 | ((a & 0x7fffffu) >> 13);
+    uint32_t rest = a & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) {
+      h++;
+    }
+    return sign | uint16_t(h);
+  }
+};
+#endif
 
 struct bfloat {
   uint16_t bits;
