@@ -235,6 +235,49 @@ def test_model_passes_through_the_kernel(emulator, monkeypatch):
         np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
 
 
+def test_engine_output_is_unchanged_by_the_kernels(emulator, monkeypatch):
+    """The decode engine commits the same tokens with the emulated kernels
+    behind the dispatcher as the no-cache oracle does. The model is random
+    (head dim 64, so the attention kernel applies); its most frequent output
+    token plays the splitter, so that steps get compressed and evicted."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from helpers import mlx_model, reference_decode, spec_token_ids, vocab_size
+    from mlx_memosight.config import TEMPLATES, MemoSightConfig
+    from mlx_memosight.engine import Engine
+
+    seed = fresh_seed()
+    model, _ = mlx_model("qwen2", vocab_size(), seed=seed % 2**31, hidden_size=128, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=256)
+    ids = spec_token_ids()
+    cfg = MemoSightConfig(token_ids=ids, template=TEMPLATES["qwen"], compression_ratio=2)
+    prompt = np.random.default_rng(seed).integers(3, 90, size=6).tolist()
+    plain = reference_decode(model, cfg, prompt, 40, compress=False)
+    special = {ids.continue_, ids.foresight, ids.eos, *ids.memory}
+    splitter = Counter(t for t in plain[:-1] if t not in special).most_common(1)[0][0]
+    cfg = replace(cfg, token_ids=replace(ids, splitter=splitter))
+    expected = reference_decode(model, cfg, prompt, 40)
+
+    used = Counter()
+
+    def launch(kernel, **kw):
+        used[kernel.name] += 1
+        return emulator(kernel, **kw)
+
+    monkeypatch.setattr(kernels, "kernels_available", lambda: True)
+    monkeypatch.setattr(kernels, "metal_launch", launch)
+    monkeypatch.setattr(kernels, "_failed", set())
+    monkeypatch.setattr(kernels, "_checked", set())
+    for kw in (dict(foresight=False), dict(draft_len=2), dict(draft_len=3, schedule="two-pass")):
+        e = Engine(model, cfg, **kw)
+        tokens = [ev.token for ev in e.generate(prompt, 40)]
+        assert tokens == expected, (kw, f"seed {seed}")
+        assert e.stats.compress_events >= 1
+    assert used["memosight_attention"] > 0 and used["memosight_compact_4"] > 0
+    assert not kernels._failed
+
+
 # ----------------------------------------------------------------------------
 # Dispatcher
 
