@@ -71,7 +71,7 @@ def test_attention_kernel_equals_reference(launch, kind, dtype, D, Hq, Hkv):
     _check_attention(launch, kind, dtype, D, Hq, Hkv)
 
 
-@pytest.mark.parametrize("dtype,D,splits", [(F32, 80, 4), (BF16, 128, 2)])
+@pytest.mark.parametrize("dtype,D,splits", [(F32, 80, 4), (BF16, 128, 2)], ids=["float32-d80", "bfloat16-d128"])
 def test_attention_kernel_key_splits(launch, dtype, D, splits):
     """Keys split across threadgroups, merged by the second kernel."""
     plan = _check_attention(launch, "compress", dtype, D, 4, 1, plan_splits=splits, cache_len=200)
@@ -235,9 +235,9 @@ def test_model_passes_through_the_kernel(emulator, monkeypatch):
         np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_output_is_unchanged_by_the_kernels(emulator, monkeypatch):
-    """The decode engine commits the same tokens with the emulated kernels
-    behind the dispatcher as the no-cache oracle does. The model is random
+def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
+    """The decode engine commits the same tokens with the kernels behind the
+    dispatcher as the no-cache oracle does. The model is random
     (head dim 64, so the attention kernel applies); its most frequent output
     token plays the splitter, so that steps get compressed and evicted."""
     from collections import Counter
@@ -261,12 +261,12 @@ def test_engine_output_is_unchanged_by_the_kernels(emulator, monkeypatch):
 
     used = Counter()
 
-    def launch(kernel, **kw):
+    def counting(kernel, **kw):
         used[kernel.name] += 1
-        return emulator(kernel, **kw)
+        return launch(kernel, **kw)
 
     monkeypatch.setattr(kernels, "kernels_available", lambda: True)
-    monkeypatch.setattr(kernels, "metal_launch", launch)
+    monkeypatch.setattr(kernels, "metal_launch", counting)
     monkeypatch.setattr(kernels, "_failed", set())
     monkeypatch.setattr(kernels, "_checked", set())
     for kw in (dict(foresight=False), dict(draft_len=2), dict(draft_len=3, schedule="two-pass")):
