@@ -241,22 +241,25 @@ def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
     (head dim 64, so the attention kernel applies); its most frequent output
     token plays the splitter, so that steps get compressed and evicted."""
     from collections import Counter
-    from dataclasses import replace
 
-    from helpers import mlx_model, reference_decode, spec_token_ids, vocab_size
-    from mlx_memosight.config import TEMPLATES, MemoSightConfig
+    from helpers import mlx_model, reference_decode
+    from mlx_memosight.config import TEMPLATES, MemoSightConfig, TokenIds
     from mlx_memosight.engine import Engine
 
     seed = fresh_seed()
-    model, _ = mlx_model("qwen2", vocab_size(), seed=seed % 2**31, hidden_size=128, num_attention_heads=2,
+    vocab = 400
+    model, _ = mlx_model("qwen2", vocab, seed=seed % 2**31, hidden_size=128, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=256)
-    ids = spec_token_ids()
-    cfg = MemoSightConfig(token_ids=ids, template=TEMPLATES["qwen"], compression_ratio=2)
-    prompt = np.random.default_rng(seed).integers(3, 90, size=6).tolist()
-    plain = reference_decode(model, cfg, prompt, 40, compress=False)
-    special = {ids.continue_, ids.foresight, ids.eos, *ids.memory}
-    splitter = Counter(t for t in plain[:-1] if t not in special).most_common(1)[0][0]
-    cfg = replace(cfg, token_ids=replace(ids, splitter=splitter))
+    prompt = np.random.default_rng(seed).integers(0, vocab, size=6).tolist()
+
+    def config(splitter):
+        # EOS outside the vocabulary: both decoders use the whole budget
+        rest = [i for i in range(vocab) if i != splitter]
+        ids = TokenIds(splitter=splitter, continue_=rest[0], foresight=rest[1], memory=rest[2:302], eos=vocab)
+        return MemoSightConfig(token_ids=ids, template=TEMPLATES["qwen"], compression_ratio=2)
+
+    plain = reference_decode(model, config(0), prompt, 40, compress=False)
+    cfg = config(Counter(plain[:-1]).most_common(1)[0][0])
     expected = reference_decode(model, cfg, prompt, 40)
 
     used = Counter()
