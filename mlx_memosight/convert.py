@@ -51,6 +51,8 @@ from .model import normalize_hf_config, read_hf_config
 DTYPES = ("float16", "bfloat16", "float32")
 # mlx-lm writes weight files of at most 5 GB.
 MAX_SHARD_BYTES = 5 << 30
+# Most MLX buffer cache kept while streaming tensors.
+CACHE_BYTES = 256 << 20
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -469,7 +471,7 @@ def plan_conversion(
                 q = (m.group_size, m.bits, m.mode)
             else:
                 outs, q = [name], None
-            jobs.append(TensorJob(wf, name, outs, target if target is not None else None, q))
+            jobs.append(TensorJob(wf, name, outs, target, q))
             entries += [(o, *planned[o]) for o in outs]
     if sorted(e[0] for e in entries) != sorted(planned):
         raise RuntimeError("the conversion plan does not cover the model's parameters")
@@ -581,10 +583,14 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
                                                    {"format": "mlx"})
                     writer.write(name, a)
                 del arrays, x
-                mx.clear_cache()
+                # Freed buffers are reused for the next tensors (most share a
+                # few sizes); the cache is only emptied when it grows large.
+                if mx.get_cache_memory() > CACHE_BYTES:
+                    mx.clear_cache()
                 bar.update()
         writer.close()
     finally:
+        mx.clear_cache()
         bar.close()
         if writer is not None and not writer.file.closed:
             writer.file.close()
@@ -850,8 +856,8 @@ def convert(
         _check_quantization(q_bits, q_group_size)
     if out_path.exists() and not force:
         raise ConvertError(f"{out_path}: already exists (pass --force to replace it)")
-    if out_path.resolve() == ckpt_path.resolve() or ckpt_path.resolve() in out_path.resolve().parents:
-        raise ConvertError(f"{out_path}: must not be the checkpoint folder or inside it")
+    if out_path.resolve() == ckpt_path.resolve() or out_path.resolve() in ckpt_path.resolve().parents:
+        raise ConvertError(f"{out_path}: must not be the checkpoint folder or one that holds it")
     if verify:
         _import_torch("--verify")
 

@@ -239,6 +239,7 @@ def test_quantized_output_loads_and_generates(checkpoint, converted):
 
 def test_plain_checkpoint_converts_with_a_notice(checkpoint, tmp_path, capsys):
     ckpt = checkpoint("llama_bpe_plain")
+    capsys.readouterr()
     out = tmp_path / "plain"
     convert_mod.main([str(ckpt), "-o", str(out), "--dtype", "float32"])
     err = capsys.readouterr().err
@@ -256,16 +257,18 @@ def test_plain_checkpoint_converts_with_a_notice(checkpoint, tmp_path, capsys):
 
 
 def test_force_replaces_and_refuses_without_it(checkpoint, tmp_path, capsys):
+    ckpt = checkpoint("qwen2_bpe_bf16")
+    capsys.readouterr()
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        convert_mod.main([str(checkpoint("qwen2_bpe_bf16")), "-o", str(out)])
+        convert_mod.main([str(ckpt), "-o", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mlx_memosight.convert: error: {out}: already exists (pass --force to replace it)"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    convert_mod.main([str(checkpoint("qwen2_bpe_bf16")), "-o", str(out), "--force"])
+    convert_mod.main([str(ckpt), "-o", str(out), "--force"])
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -311,6 +314,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, checkpoint, tmp_path, ca
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint(name), ckpt)
     breaker(ckpt)
+    capsys.readouterr()
     out = tmp_path / "models" / "out"
     with pytest.raises(SystemExit) as e:
         convert_mod.main([str(ckpt), "-o", str(out)])
@@ -324,10 +328,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, checkpoint, tmp_path, ca
 
 
 def test_unwritable_out(checkpoint, tmp_path, capsys):
+    ckpt = checkpoint("qwen2_bpe_bf16")
+    capsys.readouterr()
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "a-file" / "out"
     with pytest.raises(SystemExit) as e:
-        convert_mod.main([str(checkpoint("qwen2_bpe_bf16")), "-o", str(out)])
+        convert_mod.main([str(ckpt), "-o", str(out)])
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"mlx_memosight.convert: error: {out}: cannot create the output folder "
@@ -337,9 +343,11 @@ def test_unwritable_out(checkpoint, tmp_path, capsys):
 
 def test_failed_verify_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(convert_mod, "TOLERANCE", {k: -1.0 for k in convert_mod.TOLERANCE})
+    ckpt = checkpoint("qwen2_bpe_bf16")
+    capsys.readouterr()
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        convert_mod.main([str(checkpoint("qwen2_bpe_bf16")), "-o", str(out), "--verify"])
+        convert_mod.main([str(ckpt), "-o", str(out), "--verify"])
     assert e.value.code == 1
     captured = capsys.readouterr()
     assert "verify: max |logit difference|" in captured.out
@@ -393,10 +401,50 @@ def test_console_script_is_declared():
 
 
 def test_unsupported_quantization_flags(checkpoint, tmp_path, capsys):
+    ckpt = checkpoint("qwen2_bpe_bf16")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        convert_mod.main([str(checkpoint("qwen2_bpe_bf16")), "-o", str(tmp_path / "out"), "-q",
+        convert_mod.main([str(ckpt), "-o", str(tmp_path / "out"), "-q",
                           "--q-bits", "7"])
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--q-bits 7 with --q-group-size 64" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokens_are_added_and_initialised_as_the_reference_does():
+    from convert.make_checkpoint import add_tokens_as_reference, base_model
+    from mlx_memosight.config import SPECIAL_TOKENS, description_ids
+
+    tok = make_bpe_tokenizer()
+    base = len(tok)
+    model = base_model("llama", base, 32, 1, 2, 1, 64, False, 0, tok)
+    before = model.get_output_embeddings().weight[:base].detach().clone()
+    added = add_tokens_as_reference(model, tok)
+    assert [t for t, _ in added] == [t for t, _ in SPECIAL_TOKENS]
+    assert model.config.vocab_size == len(tok) == base + len(SPECIAL_TOKENS)
+    embed = model.get_input_embeddings().weight.detach()
+    head = model.get_output_embeddings().weight.detach()
+    assert torch.equal(head[:base], before)  # untied head, base rows untouched
+    ids = tok.convert_tokens_to_ids
+    # "\n\n" (added after the splitter) is set first, so the splitter copies its row
+    assert torch.equal(embed[ids("<|splitter|>")], embed[ids("\n\n")])
+    for token, description in [("<|o_5|>", "compress output 5"), ("<|register|>", "predict the future token")]:
+        d = description_ids(tok, description)
+        assert all(i < base for i in d)
+        torch.testing.assert_close(embed[ids(token)], embed[d].mean(0), rtol=0, atol=0)
+        torch.testing.assert_close(head[ids(token)], head[d].mean(0), rtol=0, atol=0)
+
+
+def test_out_may_not_replace_the_checkpoint(checkpoint, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("qwen2_bpe_bf16"), ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    capsys.readouterr()
+    for out in (ckpt, tmp_path):
+        with pytest.raises(SystemExit):
+            convert_mod.main([str(ckpt), "-o", str(out), "--force"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"mlx_memosight.convert: error: {out}: must not be the checkpoint "
+                         "folder or one that holds it"]
+    assert sorted(p.name for p in ckpt.iterdir()) == before
