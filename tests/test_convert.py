@@ -448,3 +448,18 @@ def test_out_may_not_replace_the_checkpoint(checkpoint, tmp_path, capsys):
         assert lines == [f"mlx_memosight.convert: error: {out}: must not be the checkpoint "
                          "folder or one that holds it"]
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_converted_model_decodes_with_memosight(converted):
+    """The decode engine runs a converted PyTorch-trained model: drafting with
+    foresight tokens commits exactly the plain greedy tokens."""
+    import mlx_memosight
+
+    out = converted("qwen2_bpe_sharded", dtype="float32")
+    model, tokenizer = mlx_memosight.load(out)
+    assert model.memosight_config is not None
+    question = "Anna reads 15 pages a day. How many pages does she read in 4 days?"
+    drafted = mlx_memosight.generate(model, tokenizer, question, max_tokens=24)
+    plain = mlx_memosight.generate(model, tokenizer, question, max_tokens=24, foresight=False)
+    assert drafted.token_ids == plain.token_ids and len(plain.token_ids) > 0
+    assert drafted.stats.drafted_tokens > 0
