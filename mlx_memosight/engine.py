@@ -291,21 +291,32 @@ class Engine:
         compressed = False
         self.selector.observe([s.anchor])
         yield self._event(s.anchor)
+        lookahead = None  # plain decoding: the pass feeding the anchor is already issued
         while True:
+            done = None
             if s.anchor in self.stop_ids:
-                self.stats.finish_reason = "stop"
-                return
-            if committed >= max_tokens or (
+                done = "stop"
+            elif committed >= max_tokens or (
                 self.max_position is not None and s.position + 1 >= self.max_position
             ):
-                self.stats.finish_reason = "length"
+                done = "length"
+            if done:
+                if lookahead is not None:
+                    self.cache.trim(1)
+                self.stats.finish_reason = done
                 return
             if self.compress and s.anchor == self.splitter:
+                if lookahead is not None:
+                    # the splitter was fed as a plain token ahead of time
+                    self.cache.trim(1)
+                    lookahead = None
                 self._compress(s)
                 compressed = True
-                new = [s.anchor]
-                accepted = []
-            elif self.schedule == "fused" or not self.draft_len:
+                accepted, new = [], [s.anchor]
+            elif not self.draft_len:
+                lookahead = self._plain_step(s, lookahead, speculate=committed + 1 < max_tokens)
+                accepted, new = [], [s.anchor]
+            elif self.schedule == "fused":
                 accepted, new = self._fused(s, max_tokens - committed, self.draft_len)
             else:
                 accepted, new = self._two_pass(s, max_tokens - committed)
@@ -317,6 +328,33 @@ class Engine:
                 committed += 1
                 yield self._event(t, compressed=compressed)
                 compressed = False
+
+    def _decode_lazy(self, token: mx.array, position: int) -> mx.array:
+        """Issue a one-token pass feeding ``token`` (possibly not yet
+        computed) at ``position``; returns the next token, lazily.
+
+        This is the layout's plain decode pass (one token, causal, nothing
+        hidden), which needs neither a mask nor per-token positions; building
+        it directly keeps per-token overhead at mlx-lm's level."""
+        self.cache.begin_pass(position, None)
+        logits = forward(self.model, token.reshape(1, 1), None, cache=self.cache)
+        self.stats.forward_passes += 1
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.cache.length)
+        return self.selector(logits[0])
+
+    def _plain_step(self, s: "_State", lookahead, speculate: bool):
+        """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
+        token is issued before that token is read back, so the device never
+        waits for Python. Returns the pass already issued for the new anchor."""
+        y = lookahead if lookahead is not None else self._decode_lazy(mx.array([s.anchor]), s.position)
+        self.selector.observe(y)
+        ahead = None
+        if speculate:
+            ahead = self._decode_lazy(y, s.position + 1)
+            mx.async_eval(ahead)
+        s.anchor = int(y.item())
+        s.position += 1
+        return ahead
 
     def _compress(self, s: "_State"):
         """The compress pass: ends the step whose splitter is the anchor."""
