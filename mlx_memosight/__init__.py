@@ -1,6 +1,6 @@
 """MemoSight reasoning on MLX."""
 
 from ._version import __version__
-from .model import load
+from .generate import GenerationResponse, generate, load, stream_generate
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "load", "generate", "stream_generate", "GenerationResponse"]

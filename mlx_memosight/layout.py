@@ -155,6 +155,7 @@ def build_training_sample(
     max_length: Optional[int] = None,
     max_memory_tokens: int = 300,
     foresight: bool = True,
+    open_step: Sequence[int] = (),
 ) -> Sample:
     """Lay out one example: ``prompt, step_0 .. step_{S-1}, EOS``.
 
@@ -170,7 +171,11 @@ def build_training_sample(
         max_length: truncate to this many non-foresight tokens.
         foresight: interleave foresight tokens (False lays out the sequence an
             uncompressed-drafting decoder sees).
+        open_step: content of an unfinished step after the last one (no memory
+            tokens, no ``<|continue|>`` yet); only without ``add_eos``.
     """
+    if open_step and add_eos:
+        raise ValueError("an open step cannot be followed by EOS")
     if memory_counts is None:
         lens = thought_lens if thought_lens is not None else [len(s) for s in steps]
         memory_counts = [memory_count(n, compression_ratio, max_memory_tokens) for n in lens]
@@ -210,6 +215,8 @@ def build_training_sample(
             put(token_ids.memory[k], p, Role.MEMORY)
         put(token_ids.continue_, b + L, Role.CONTINUE)
         b += L + 1
+    for j, tok in enumerate(open_step):
+        put(tok, b + j, Role.CONTENT, label=tok)
     if add_eos:
         put(token_ids.eos, b, Role.EOS, label=token_ids.eos)
 
@@ -329,9 +336,10 @@ class StepState:
 class PassBuilder:
     """Builds the decoder's passes for one configuration."""
 
-    def __init__(self, cfg: MemoSightConfig):
+    def __init__(self, cfg: Optional[MemoSightConfig]):
+        """``cfg=None`` builds the passes of plain decoding only."""
         self.cfg = cfg
-        self.ids = cfg.token_ids
+        self.ids = cfg.token_ids if cfg is not None else None
 
     @staticmethod
     def _rule(cache_len, slots_limits, key_until_new, hidden=None):

@@ -27,3 +27,12 @@ def qwen2_tokenizer_path():
 @pytest.fixture
 def llama3_tokenizer_path():
     return shared_path("tokenizers", "llama3")
+
+
+@pytest.fixture(scope="session", params=["qwen2", "llama"])
+def reasoner(request, tmp_path_factory):
+    """A tiny MemoSight model of each family trained here to emit splitters:
+    ``(path, task)``, shared by the whole session."""
+    from helpers import tiny_reasoner
+
+    return tiny_reasoner(request.param, tmp_path_factory.mktemp(f"reasoner-{request.param}"))

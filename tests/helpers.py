@@ -2,6 +2,7 @@
 
 import tempfile
 from pathlib import Path
+from pathlib import Path
 
 import numpy as np
 
@@ -123,3 +124,187 @@ def make_bpe_tokenizer(path=None, vocab_size=300):
     if path is not None:
         hf.save_pretrained(path)
     return hf
+
+
+# ----------------------------------------------------------------------------
+# A tiny MLX reasoner that really emits splitters, trained in a few seconds.
+
+
+def mlx_model(family: str, vocab: int, seed: int = 0, **kw):
+    """A tiny random mlx-lm model, MemoSight-ready."""
+    import mlx.core as mx
+    from mlx_lm.models import llama, qwen2
+
+    from mlx_memosight.model import attach_token_rope
+
+    mx.random.seed(seed)
+    args = dict(
+        model_type=family,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=family == "qwen2",
+    )
+    args.update(kw)
+    module = qwen2 if family == "qwen2" else llama
+    model = module.Model(module.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return attach_token_rope(model), args
+
+
+class Task:
+    """Synthetic reasoning: after a prompt ending in token x, six steps, each
+    counting up from x for 3-6 tokens, then "\n" and the splitter; EOS last."""
+
+    def __init__(self, cfg, newline: int, lo: int, hi: int, n_steps: int = 6):
+        self.cfg, self.newline, self.lo, self.hi, self.n_steps = cfg, newline, lo, hi, n_steps
+
+    def word(self, i):
+        return self.lo + i % (self.hi - self.lo)
+
+    def prompt(self, rng, n=4):
+        return rng.integers(self.lo, self.hi, size=n).tolist()
+
+    def steps(self, prompt):
+        x = prompt[-1] - self.lo
+        n = 3 + x % 4
+        step = [self.word(x + j) for j in range(n)] + [self.newline, self.cfg.token_ids.splitter]
+        return [list(step) for _ in range(self.n_steps)]
+
+
+def train_reasoner(model, task: Task, steps: int = 150, batch: int = 6, seed: int = 0, lr: float = 1e-2):
+    """A few hundred Adam steps of the joint LM + MTP loss on the task."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_memosight.layout import build_training_sample, collate
+    from mlx_memosight.model import forward
+    from mlx_memosight.layout import attention_mask
+
+    cfg = task.cfg
+    rng = np.random.default_rng(seed)
+
+    def make_batch():
+        samples = []
+        for _ in range(batch):
+            p = task.prompt(rng)
+            st = task.steps(p)
+            samples.append(build_training_sample(
+                p, st, cfg.token_ids, cfg.compression_ratio, int(rng.integers(0, cfg.max_offset + 1)),
+                thought_lens=[len(s) - 2 for s in st],
+            ))
+        b = collate(samples, length=96 * ((max(len(s) for s in samples) + 95) // 96))
+        return [mx.array(a) for a in (b.input_ids, b.positions, b.lm_targets, b.mtp_targets,
+                                       b.query_slot, b.query_limit, b.key_visible_until)]
+
+    def loss_fn(model, ids, pos, lm, mtp, qs, ql, kv):
+        mask = attention_mask(qs, ql, kv, xp=mx)
+        logits = forward(model, ids, pos, mask)
+        def ce(t):
+            valid = t >= 0
+            l = nn.losses.cross_entropy(logits, mx.maximum(t, 0)) * valid
+            return l.sum() / mx.maximum(valid.sum(), 1)
+        return cfg.lm_loss_weight * ce(lm) + cfg.mtp_loss_weight * ce(mtp)
+
+    from functools import partial
+
+    opt = optim.Adam(learning_rate=lr)
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*batch):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, *batch)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    for _ in range(steps):
+        loss = step(*make_batch())
+        mx.eval(state, loss)
+        losses.append(loss.item())
+    return losses
+
+
+def tiny_reasoner(family: str, path, steps: int = 150, ratio: int = 2):
+    """Train and save a tiny MemoSight model folder (config, weights, tokenizer,
+    memosight.json). Returns ``(path, task)``."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_memosight.config import add_memosight_tokens, build_config
+
+    path = Path(path)
+    tok = make_bpe_tokenizer()
+    add_memosight_tokens(tok)
+    cfg = build_config(tok, family, compression_ratio=ratio, max_offset=2, draft_len=2)
+    if family == "llama":
+        # the self-contained tokenizer has ChatML tokens only
+        from mlx_memosight.config import TEMPLATES
+
+        cfg = build_config(tok, family, template=TEMPLATES["qwen"], compression_ratio=ratio,
+                           max_offset=2, draft_len=2)
+    model, args = mlx_model(family, len(tok))
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    task = Task(cfg, newline, 40, 52)
+    train_reasoner(model, task, steps=steps)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, model)
+    save_config(dict(args), path / "config.json")
+    tok.save_pretrained(path)
+    cfg.save(path)
+    return path, task
+
+
+def reference_decode(model, cfg, prompt, max_tokens, compress=True, selector=None):
+    """Greedy decoding with no cache: every token recomputes the whole visible
+    sequence (prompt, finished steps with their memory tokens and continue, the
+    open step) under the layout's mask. The oracle of the cached engine."""
+    import mlx.core as mx
+
+    from mlx_memosight.engine import Selector
+    from mlx_memosight.layout import build_training_sample
+    from mlx_memosight.model import forward
+
+    ids = cfg.token_ids
+    selector = selector or Selector(model.args.vocab_size)
+    selector.observe(prompt)
+    out, finished, open_step = [], [], []
+    while len(out) < max_tokens:
+        if compress:
+            s = build_training_sample(
+                prompt, finished, ids, cfg.compression_ratio, 0,
+                memory_counts=[cfg.memory_count(len(x)) for x in finished],
+                add_eos=False, foresight=False, open_step=open_step,
+            )
+            logits = forward(model, s.input_ids, s.positions, mx.array(s.mask()), rows=[len(s) - 1])
+        else:
+            seq = list(prompt) + out
+            logits = forward(model, seq, 0, "causal", rows=[len(seq) - 1])
+        t = int(selector(logits[0])[0].item())
+        selector.observe([t])
+        out.append(t)
+        if t == ids.eos:
+            break
+        if compress and t == ids.splitter:
+            finished.append(open_step + [t])
+            open_step = []
+        else:
+            open_step.append(t)
+    return out
+
+
+def split_steps(tokens, splitter):
+    """Finished steps (ending with the splitter) of an output."""
+    steps, cur = [], []
+    for t in tokens:
+        cur.append(t)
+        if t == splitter:
+            steps.append(cur)
+            cur = []
+    return steps

@@ -1,0 +1,296 @@
+"""Side-by-side speed and memory: ``python -m mlx_memosight.bench --model PATH``.
+
+On the same prompts, in one run, with the runs of each prompt interleaved:
+
+* ``mlx_lm``: plain greedy ``mlx_lm.stream_generate`` (of ``--plain-model``
+  when given, else of ``--model``);
+* ``plain``: this engine with foresight and compression off;
+* ``no-foresight``: compression only; ``two-pass``: the reference's schedule;
+* ``memosight``: the fused schedule with drafting and compression.
+
+Prints tokens/s, forward passes per generated token, peak KV entries,
+acceptance and (where answers are known) accuracy; checks that every
+MemoSight configuration commits exactly the tokens of ``no-foresight``; writes
+the per-token KV curves and a summary as JSON, and PNG plots when matplotlib is
+installed.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+from .config import ConfigError
+from .engine import GenerationError
+from .generate import _prompt_ids, load, make_engine
+from .scoring import eval_prompt, load_items, score
+
+
+@dataclass
+class Run:
+    """One configuration on one prompt."""
+
+    tokens: List[int]
+    seconds: float
+    prompt_seconds: float
+    passes: int
+    peak_kv: int
+    kv_curve: List[int]
+    drafted: int = 0
+    accepted: int = 0
+    compress_events: int = 0
+    correct: Optional[bool] = None
+
+
+@dataclass
+class Row:
+    name: str
+    runs: List[Run] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.runs)
+
+    @property
+    def tps(self) -> float:
+        """Generated tokens over generation time, all prompts together."""
+        t = sum(r.seconds for r in self.runs)
+        return self.tokens / t if t else 0.0
+
+    def summary(self) -> dict:
+        runs = self.runs
+        known = [r.correct for r in runs if r.correct is not None]
+        return dict(
+            config=self.name,
+            prompts=len(runs),
+            generated_tokens=self.tokens,
+            tokens_per_second=self.tps,
+            passes_per_token=sum(r.passes for r in runs) / max(1, self.tokens),
+            peak_kv_tokens=max(r.peak_kv for r in runs),
+            mean_peak_kv_tokens=statistics.mean(r.peak_kv for r in runs),
+            drafted_tokens=sum(r.drafted for r in runs),
+            accepted_draft_tokens=sum(r.accepted for r in runs),
+            compress_events=sum(r.compress_events for r in runs),
+            accuracy=(sum(known) / len(known)) if known else None,
+        )
+
+
+def run_mlx_lm(model, tokenizer, ids, max_tokens, stop_ids) -> Run:
+    """Plain greedy decoding with mlx-lm's own generator."""
+    from mlx_lm.generate import generate_step
+
+    tokens = []
+    tic = time.perf_counter()
+    first = None
+    for t, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(int(t))
+        if int(t) in stop_ids:
+            break
+    end = time.perf_counter()
+    P = len(ids)
+    return Run(tokens, end - first, first - tic, len(tokens), P + len(tokens) - 1,
+               [P + i for i in range(len(tokens))])
+
+
+def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
+    engine = make_engine(model, tokenizer, model.memosight_config, **kw)
+    tokens, curve = [], []
+    for ev in engine.generate(ids, max_tokens):
+        tokens.append(ev.token)
+        curve.append(ev.kv_entries)
+    st = engine.stats
+    return Run(tokens, st.generation_time, st.prompt_time, st.forward_passes, st.peak_kv_tokens,
+               curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events)
+
+
+def configurations(cfg, draft_len):
+    if cfg is None:
+        return {"plain": dict(foresight=False, compress=False)}
+    return {
+        "plain": dict(foresight=False, compress=False),
+        "no-foresight": dict(foresight=False),
+        "two-pass": dict(draft_len=draft_len, schedule="two-pass"),
+        "memosight": dict(draft_len=draft_len),
+    }
+
+
+def format_table(rows: List[dict], baseline: str) -> str:
+    base = next((r for r in rows if r["config"] == baseline), None)
+    head = f"{'config':<16}{'tokens':>8}{'tok/s':>10}{'vs ' + baseline:>12}{'pass/tok':>10}" \
+           f"{'peak KV':>9}{'accepted':>10}{'compress':>10}{'accuracy':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = r["tokens_per_second"] / base["tokens_per_second"] if base and base["tokens_per_second"] else 0
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
+        accepted = "-" if not r["drafted_tokens"] else f"{r['accepted_draft_tokens'] / r['drafted_tokens']:.0%}"
+        lines.append(
+            f"{r['config']:<16}{r['generated_tokens']:>8}{r['tokens_per_second']:>10.1f}{ratio:>11.2f}x"
+            f"{r['passes_per_token']:>10.3f}{r['peak_kv_tokens']:>9}{accepted:>10}{r['compress_events']:>10}{acc:>10}"
+        )
+    return "\n".join(lines)
+
+
+def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("notice: matplotlib is not installed; no plots written (pip install matplotlib)",
+              file=sys.stderr)
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in rows.items():
+        longest = max(row.runs, key=lambda r: len(r.tokens))
+        ax.plot(range(1, len(longest.kv_curve) + 1), longest.kv_curve, label=name)
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("KV cache entries")
+    ax.set_title("KV cache during generation (longest answer)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "kv_curve.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(rows)
+    ax.bar(names, [rows[n].tps for n in names])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Decoding speed")
+    fig.tight_layout()
+    paths.append(out_dir / "tokens_per_second.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=None,
+          repeats=1, system=None, raw_prompt=False, progress=True) -> Dict[str, Row]:
+    """Run every configuration on every prompt, interleaved; returns the rows.
+
+    Args:
+        prompts: items with ``question`` and optionally ``answer`` / ``kind``
+            (see :mod:`mlx_memosight.scoring`).
+        repeats: timed repetitions per prompt (the fastest is kept).
+    """
+    model, tokenizer = load(model_path)
+    cfg = model.memosight_config
+    stop = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if cfg is not None:
+        stop.add(cfg.token_ids.eos)
+    g = draft_len if draft_len is not None else (cfg.draft_len if cfg else 0)
+    plain = None
+    if plain_model_path is not None:
+        plain = load(plain_model_path)
+    configs = configurations(cfg, g)
+    rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
+    if plain is not None:
+        rows["mlx_lm"].name = "mlx_lm (plain model)"
+    rows.update({name: Row(name) for name in configs})
+    iterator = prompts
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(prompts, desc="bench", unit="prompt", file=sys.stderr)
+    warm = False
+    for item in iterator:
+        text = item.get("prompt", item["question"])
+        ids = _prompt_ids(tokenizer, text, cfg, system, raw_prompt)
+        lm_model, lm_tok = plain if plain is not None else (model, tokenizer)
+        lm_cfg = lm_model.memosight_config if plain is not None else cfg
+        lm_ids = _prompt_ids(lm_tok, text, lm_cfg, system, raw_prompt)
+        lm_stop = set(getattr(lm_tok, "eos_token_ids", None) or [])
+        if lm_cfg is not None:
+            lm_stop.add(lm_cfg.token_ids.eos)
+        jobs = {"mlx_lm": lambda: run_mlx_lm(lm_model, lm_tok, lm_ids, max_tokens, lm_stop)}
+        for name, kw in configs.items():
+            jobs[name] = (lambda kw=kw: run_engine(model, tokenizer, ids, max_tokens, **kw))
+        if not warm:
+            for job in jobs.values():
+                job()
+            warm = True
+        best: Dict[str, Run] = {}
+        for _ in range(repeats):
+            for name, job in jobs.items():
+                r = job()
+                if name not in best or r.seconds < best[name].seconds:
+                    best[name] = r
+        for name, r in best.items():
+            tok = lm_tok if name == "mlx_lm" else tokenizer
+            if "answer" in item:
+                r.correct = score(decode_answer(tok, r.tokens, cfg if name != "mlx_lm" else lm_cfg),
+                                  item)
+            rows[name].runs.append(r)
+        if cfg is not None:
+            ref = best["no-foresight"].tokens
+            for name in ("two-pass", "memosight"):
+                if best[name].tokens != ref:
+                    raise AssertionError(
+                        f"{name} committed other tokens than no-foresight on {item['question'][:40]!r}"
+                    )
+    return rows
+
+
+def decode_answer(tokenizer, tokens, cfg) -> str:
+    drop = {cfg.token_ids.splitter, cfg.token_ids.eos} if cfg is not None else set()
+    return tokenizer.decode([t for t in tokens if t not in drop])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlx_memosight.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="MemoSight model folder")
+    p.add_argument("--plain-model", help="a plain (SFT) model for the mlx_lm row")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a question (repeatable)")
+    src.add_argument("--data", help="eval file: the reference's JSON format or JSON lines")
+    p.add_argument("--limit", type=int, help="use the first N items of --data")
+    p.add_argument("--system", help="system prompt (default: the template's)")
+    p.add_argument("--raw-prompt", action="store_true", help="prompts are the full text, no template")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--draft-len", type=int)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (fastest kept)")
+    p.add_argument("--out", help="folder for summary.json and the PNG plots")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.prompt:
+            items = [{"question": q} for q in args.prompt]
+        else:
+            items = [dict(it, prompt=eval_prompt(it)) for it in load_items(args.data, limit=args.limit)]
+        rows = bench(args.model, items, args.max_tokens, args.draft_len, args.plain_model,
+                     args.repeats, args.system, args.raw_prompt)
+    except (GenerationError, ConfigError, FileNotFoundError, AssertionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    summaries = [r.summary() for r in rows.values()]
+    print(format_table(summaries, "mlx_lm" if "mlx_lm" in rows else summaries[0]["config"]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = dict(
+            model=str(args.model),
+            plain_model=args.plain_model,
+            max_tokens=args.max_tokens,
+            rows=summaries,
+            kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
+        )
+        (out / "summary.json").write_text(json.dumps(payload, indent=2))
+        for path in write_plots(rows, out):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

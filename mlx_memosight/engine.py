@@ -1,0 +1,439 @@
+"""The MemoSight decoder: prefill, then accelerate / compress / verify.
+
+The engine knows nothing about files or command lines. It asks the layout
+module for each pass, runs it through the model with a :class:`KVCache`, and
+commits exactly the tokens greedy decoding would commit under MemoSight's mask
+and eviction rules (SPEC section 3), in fewer forward passes:
+
+* ``schedule="fused"`` (default): one pass per iteration. The pass feeds the
+  anchor and the current draft block and, after every draft prefix, an
+  isolated set of foresight tokens; verification and the next block's drafts
+  come from the same pass, and only the foresight set that follows the
+  accepted prefix is used.
+* ``schedule="two-pass"``: the reference's accelerate pass followed by a
+  verification pass, for comparison.
+
+A draft is accepted iff it equals the token the model selects at that
+position (the greedy token, or with sampling the token sampled there, as
+mlx-lm's speculative decoding does), so drafting never changes the output.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache
+from .config import MemoSightConfig
+from .kernels import CompactMask
+from .layout import Pass, PassBuilder, StepState
+from .model import TokenPositions, forward
+
+SCHEDULES = ("fused", "two-pass")
+MAX_DRAFT_LEN = 16
+
+
+class GenerationError(ValueError):
+    """Bad generation input, phrased for the user."""
+
+
+@dataclass
+class TokenEvent:
+    """One committed token, as the engine produces it."""
+
+    token: int
+    from_draft: bool
+    compress_event: bool  # a compress pass ran just before this token
+    kv_entries: int
+    forward_passes: int
+
+
+@dataclass
+class GenerationStats:
+    """What a generation cost and what it saved. ``peak_kv_tokens`` counts the
+    cache right after each pass, temporary foresight and draft entries
+    included (as the reference does); ``plain_kv_tokens`` is what plain
+    decoding would hold at the end (prompt plus every generated token)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    prefill_passes: int = 0
+    drafted_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    compress_events: int = 0
+    peak_kv_tokens: int = 0
+    final_kv_tokens: int = 0
+    plain_kv_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_time: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: Optional[str] = None
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generated_tokens / self.generation_time if self.generation_time else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.generated_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            prompt_tps=self.prompt_tps,
+            generation_tps=self.generation_tps,
+            tokens_per_pass=self.tokens_per_pass,
+        )
+        return d
+
+
+class Selector:
+    """Turns logits rows into tokens: repetition penalty, then greedy or
+    sampling through mlx-lm's sampler.
+
+    The repetition penalty follows the reference evaluation: every token of the
+    prompt and of the output so far (minus the tokenizer's special ids) is
+    penalised once, positive logits divided by the penalty and negative ones
+    multiplied.
+    """
+
+    def __init__(self, vocab_size: int, temp: float = 0.0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, exempt_ids: Sequence[int] = ()):
+        self.temp = temp
+        self.penalty = repetition_penalty
+        self.vocab_size = vocab_size
+        self.sampler = None
+        if temp > 0:
+            from mlx_lm.sample_utils import make_sampler
+
+            self.sampler = make_sampler(temp=temp, top_p=top_p)
+        self.seen = None
+        if repetition_penalty != 1.0:
+            eligible = np.ones(vocab_size, bool)
+            ex = [i for i in exempt_ids if 0 <= i < vocab_size]
+            eligible[ex] = False
+            self.eligible = mx.array(eligible)
+            self.seen = mx.zeros((vocab_size,), mx.bool_)
+
+    def observe(self, tokens):
+        """Add committed tokens to the penalised history."""
+        if self.seen is None:
+            return
+        t = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), mx.int32)
+        if t.size == 0:
+            return
+        hit = mx.zeros((self.vocab_size,), mx.bool_)
+        hit[t.reshape(-1)] = True
+        self.seen = self.seen | (hit & self.eligible)
+
+    def history(self, prefix: mx.array) -> mx.array:
+        """``(R, V)`` histories: row ``i`` adds ``prefix[: i + 1]`` to the
+        committed history."""
+        R = prefix.shape[0]
+        onehot = mx.arange(self.vocab_size)[None] == prefix.reshape(-1, 1)
+        cum = mx.cumsum(onehot.astype(mx.int32), axis=0) > 0
+        return self.seen[None] | (cum & self.eligible[None]) if R else self.seen[None]
+
+    def __call__(self, logits: mx.array, history: Optional[mx.array] = None) -> mx.array:
+        """Tokens ``(R,)`` for logits ``(R, V)``; ``history`` ``(R, V)``
+        (defaults to the committed history for every row)."""
+        logits = logits.astype(mx.float32)
+        if self.seen is not None:
+            h = self.seen[None] if history is None else history
+            p = self.penalty
+            logits = mx.where(h, mx.where(logits > 0, logits / p, logits * p), logits)
+        if self.sampler is None:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs)
+
+
+class Engine:
+    """Decodes with MemoSight drafting and compression over one KV cache.
+
+    Args:
+        model: an mlx-lm Qwen2 / Llama model made ready by
+            :func:`mlx_memosight.model.attach_token_rope`.
+        cfg: the model's MemoSight configuration; ``None`` for a plain model
+            (plain decoding only).
+        draft_len: foresight tokens per set (``g``); default from ``cfg``.
+        foresight: draft with foresight tokens.
+        compress: compress finished steps into memory tokens and evict them.
+        schedule: ``"fused"`` or ``"two-pass"``.
+        temp, top_p: sampling (greedy when ``temp == 0``).
+        repetition_penalty: 1.0 disables it; 1.1 reproduces the reference
+            evaluation.
+        exempt_ids: ids never penalised (the tokenizer's special ids).
+        stop_ids: ids that end generation (the template's EOS is always one).
+        prefill_step_size: prompt chunk size.
+        max_position: the model's context; generation stops before it.
+    """
+
+    def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
+                 foresight: bool = True, compress: bool = True, schedule: str = "fused",
+                 temp: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 exempt_ids: Sequence[int] = (), stop_ids: Sequence[int] = (),
+                 prefill_step_size: int = 512, max_position: Optional[int] = None):
+        if schedule not in SCHEDULES:
+            raise GenerationError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+        if draft_len is not None and not 0 <= draft_len <= MAX_DRAFT_LEN:
+            raise GenerationError(f"--draft-len must be between 0 and {MAX_DRAFT_LEN}, got {draft_len}")
+        if repetition_penalty <= 0:
+            raise GenerationError(f"--repetition-penalty must be positive, got {repetition_penalty}")
+        if temp < 0:
+            raise GenerationError(f"--temp must be >= 0, got {temp}")
+        self.model = model
+        self.cfg = cfg
+        self.schedule = schedule
+        if cfg is None:
+            foresight = compress = False
+        g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
+        self.draft_len = g if foresight else 0
+        self.compress = compress
+        self.builder = PassBuilder(cfg)
+        vocab = model.args.vocab_size
+        self.selector = Selector(vocab, temp, top_p, repetition_penalty, exempt_ids)
+        self.stop_ids = set(int(i) for i in stop_ids)
+        if cfg is not None:
+            self.stop_ids.add(cfg.token_ids.eos)
+        self.splitter = cfg.token_ids.splitter if cfg is not None else None
+        self.prefill_step_size = prefill_step_size
+        self.max_position = max_position or getattr(model.args, "max_position_embeddings", None)
+        self.stats = GenerationStats()
+        self.cache: Optional[KVCache] = None
+
+    # -- passes --------------------------------------------------------------
+    def _run(self, p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None) -> mx.array:
+        """Run one pass over the cache; logits at ``rows``."""
+        cache = self.cache
+        n = len(p)
+        pos = p.positions
+        if n == 1 or np.array_equal(pos, np.arange(pos[0], pos[0] + n)):
+            positions = int(pos[0])
+        else:
+            positions = TokenPositions(mx.array(pos)[None])
+        if p.rule.is_causal():
+            mask = None if n == 1 else "causal"
+        else:
+            mask = CompactMask.from_rule(p.rule)
+        cache.begin_pass(positions, mask)
+        x = tokens if tokens is not None else mx.array(p.tokens)
+        logits = forward(self.model, x, None, cache=cache, rows=mx.array(rows))
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, cache.length)
+        return logits[0]
+
+    def _prefill(self, prompt: List[int]) -> mx.array:
+        """Prefill the prompt in chunks; returns the logits at its last token."""
+        n = len(prompt)
+        start = 0
+        while True:
+            chunk = prompt[start : start + self.prefill_step_size]
+            p = self.builder.prefill(chunk, start, self.cache.length)
+            last = start + len(chunk) >= n
+            logits = self._run(p, np.array([len(chunk) - 1]))
+            self.stats.prefill_passes += 1
+            if last:
+                return logits
+            mx.eval([c.keys for c in self.cache.layers])
+            start += len(chunk)
+
+    # -- the loop ------------------------------------------------------------
+    def generate(self, prompt: Sequence[int], max_tokens: int) -> Iterator[TokenEvent]:
+        """Yield the committed tokens one by one.
+
+        Args:
+            prompt: the prompt's token ids.
+            max_tokens: committed output tokens at most (content tokens,
+                splitters and EOS; memory and continue tokens are not output).
+        """
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if max_tokens < 1:
+            raise GenerationError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if self.max_position is not None and len(prompt) >= self.max_position:
+            raise GenerationError(
+                f"the prompt has {len(prompt)} tokens but the model's context is "
+                f"{self.max_position} (max_position_embeddings)"
+            )
+        self.cache = KVCache.for_model(self.model)
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        tic = time.perf_counter()
+        logits = self._prefill(prompt)
+        self.selector.observe(prompt)
+        anchor = int(self.selector(logits)[0].item())
+        self.stats.prompt_time = time.perf_counter() - tic
+        tic = time.perf_counter()
+        P = len(prompt)
+        state = _State(anchor=anchor, position=P, step=StepState(self.cache.length, P),
+                       drafts=None if self.schedule == "two-pass" else [])
+        for event in self._loop(state, max_tokens):
+            self.stats.generated_tokens += 1
+            self.stats.generation_time = time.perf_counter() - tic
+            yield event
+        self.stats.generation_time = time.perf_counter() - tic
+        self.stats.final_kv_tokens = self.cache.length
+        self.stats.plain_kv_tokens = P + self.stats.generated_tokens
+        self.stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def _event(self, token, from_draft=False, compressed=False) -> TokenEvent:
+        return TokenEvent(int(token), from_draft, compressed, self.cache.length, self.stats.forward_passes)
+
+    def _loop(self, s: "_State", max_tokens: int) -> Iterator[TokenEvent]:
+        committed = 1
+        compressed = False
+        self.selector.observe([s.anchor])
+        yield self._event(s.anchor)
+        lookahead = None  # plain decoding: the pass feeding the anchor is already issued
+        while True:
+            done = None
+            if s.anchor in self.stop_ids:
+                done = "stop"
+            elif committed >= max_tokens or (
+                self.max_position is not None and s.position + 1 >= self.max_position
+            ):
+                done = "length"
+            if done:
+                if lookahead is not None:
+                    self.cache.trim(1)
+                self.stats.finish_reason = done
+                return
+            if self.compress and s.anchor == self.splitter:
+                if lookahead is not None:
+                    # the splitter was fed as a plain token ahead of time
+                    self.cache.trim(1)
+                    lookahead = None
+                self._compress(s)
+                compressed = True
+                accepted, new = [], [s.anchor]
+            elif not self.draft_len:
+                lookahead = self._plain_step(s, lookahead, speculate=committed + 1 < max_tokens)
+                accepted, new = [], [s.anchor]
+            elif self.schedule == "fused":
+                accepted, new = self._fused(s, max_tokens - committed, self.draft_len)
+            else:
+                accepted, new = self._two_pass(s, max_tokens - committed)
+            for t in accepted:
+                committed += 1
+                yield self._event(t, from_draft=True, compressed=compressed)
+                compressed = False
+            for t in new:
+                committed += 1
+                yield self._event(t, compressed=compressed)
+                compressed = False
+
+    def _decode_lazy(self, token: mx.array, position: int) -> mx.array:
+        """Issue a one-token pass feeding ``token`` (possibly not yet
+        computed) at ``position``; returns the next token, lazily.
+
+        This is the layout's plain decode pass (one token, causal, nothing
+        hidden), which needs neither a mask nor per-token positions; building
+        it directly keeps per-token overhead at mlx-lm's level."""
+        self.cache.begin_pass(position, None)
+        logits = forward(self.model, token.reshape(1, 1), None, cache=self.cache)
+        self.stats.forward_passes += 1
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.cache.length)
+        return self.selector(logits[0])
+
+    def _plain_step(self, s: "_State", lookahead, speculate: bool):
+        """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
+        token is issued before that token is read back, so the device never
+        waits for Python. Returns the pass already issued for the new anchor."""
+        y = lookahead if lookahead is not None else self._decode_lazy(mx.array([s.anchor]), s.position)
+        self.selector.observe(y)
+        ahead = None
+        if speculate:
+            ahead = self._decode_lazy(y, s.position + 1)
+            mx.async_eval(ahead)
+        s.anchor = int(y.item())
+        s.position += 1
+        return ahead
+
+    def _compress(self, s: "_State"):
+        """The compress pass: ends the step whose splitter is the anchor."""
+        g = self.draft_len
+        start_len = self.cache.length
+        p = self.builder.compress(s.step, start_len, draft_len=g)
+        rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
+        logits = self._run(p, rows)
+        self.stats.forward_passes += 1
+        self.stats.compress_events += 1
+        tokens = self.selector(logits).tolist()
+        self.cache.trim(len(p) - p.keep)
+        self.cache.evict(*p.evict)
+        L = start_len - s.step.start_slot + 1
+        begin = s.step.begin + L + 1
+        s.step = StepState(self.cache.length, begin)
+        s.anchor = int(tokens[0])
+        s.position = begin
+        s.drafts = [int(t) for t in tokens[1:]]
+        self.selector.observe([s.anchor])
+
+    def _acceptable(self, draft: int) -> bool:
+        return draft not in self.stop_ids and not (self.compress and draft == self.splitter)
+
+    def _fused(self, s: "_State", budget: int, g: int):
+        """One pass over ``[a, d_1..d_k]`` plus, when ``g > 0``, a foresight set
+        of ``g`` tokens after every prefix: verifies the drafts and drafts the
+        next block. With ``g == 0`` it is the reference's verification pass (or
+        plain decoding when there are no drafts)."""
+        drafts = s.drafts[: max(0, budget - 1)]
+        k = len(drafts)
+        p = self.builder.decode(s.anchor, s.position, self.cache.length, drafts, g)
+        rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
+        logits = self._run(p, rows)
+        self.stats.forward_passes += 1
+        self.stats.drafted_tokens += k
+        history = None
+        if self.selector.seen is not None:
+            h = self.selector.history(mx.array(p.tokens[: k + 1]))
+            parts = [h] + [mx.repeat(h[j : j + 1], g, axis=0) for j in range(k + 1)] if g else [h]
+            history = mx.concatenate(parts)
+        tokens = self.selector(logits, history).tolist()
+        n = 0
+        while n < k and drafts[n] == tokens[n] and self._acceptable(drafts[n]):
+            n += 1
+        self.stats.accepted_draft_tokens += n
+        self.cache.trim(len(p) - (1 + n))
+        accepted = drafts[:n]
+        s.anchor = int(tokens[n])
+        s.position += n + 1
+        start = k + 1 + n * g
+        s.drafts = [int(t) for t in tokens[start : start + g]]
+        self.selector.observe(accepted + [s.anchor])
+        return accepted, [s.anchor]
+
+    def _two_pass(self, s: "_State", budget: int):
+        """The reference's schedule: an accelerate pass ``[a, R x g]`` commits
+        the next token and drafts after it; the following iteration verifies
+        ``[d_0 .. d_g]`` in a pass of its own. After a compress pass the drafts
+        come from the compress pass and verification follows directly."""
+        if s.drafts is None:
+            p = self.builder.decode(s.anchor, s.position, self.cache.length, (), self.draft_len)
+            logits = self._run(p, np.concatenate([p.exact_rows] + p.foresight_rows))
+            self.stats.forward_passes += 1
+            tokens = self.selector(logits).tolist()
+            self.cache.trim(self.draft_len)
+            s.anchor = int(tokens[0])
+            s.position += 1
+            s.drafts = [int(t) for t in tokens[1:]]
+            self.selector.observe([s.anchor])
+            return [], [s.anchor]
+        accepted, new = self._fused(s, budget, 0)
+        s.drafts = None
+        return accepted, new
+
+
+@dataclass
+class _State:
+    anchor: int
+    position: int
+    step: StepState
+    drafts: Optional[List[int]] = field(default_factory=list)

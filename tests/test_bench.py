@@ -1,0 +1,40 @@
+"""The side-by-side benchmark runs every configuration and checks losslessness."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+from mlx_memosight.bench import bench, format_table
+
+
+def test_bench_rows_and_outputs(reasoner, tmp_path):
+    path, task = reasoner
+    items = [{"question": "count", "answer": "7", "kind": "exact"}, {"question": "again"}]
+    rows = bench(path, items, max_tokens=30, progress=False)
+    assert list(rows) == ["mlx_lm", "plain", "no-foresight", "two-pass", "memosight"]
+    summaries = [r.summary() for r in rows.values()]
+    by = {s["config"]: s for s in summaries}
+    # mlx-lm and the engine's plain mode decode the same tokens
+    assert [r.tokens for r in rows["mlx_lm"].runs] == [r.tokens for r in rows["plain"].runs]
+    assert by["mlx_lm"]["passes_per_token"] == 1.0
+    assert by["memosight"]["passes_per_token"] <= by["two-pass"]["passes_per_token"]
+    assert by["memosight"]["accuracy"] in (0.0, 1.0)
+    table = format_table(summaries, "mlx_lm")
+    assert "memosight" in table and "pass/tok" in table
+
+
+def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path):
+    path, _ = reasoner
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_memosight.bench", "--model", str(path), "--prompt", "go",
+         "--max-tokens", "20", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "memosight" in r.stdout
+    d = json.loads((out / "summary.json").read_text())
+    assert {row["config"] for row in d["rows"]} >= {"mlx_lm", "memosight"}
+    assert (out / "kv_curve.png").stat().st_size > 1000
+    assert (out / "tokens_per_second.png").stat().st_size > 1000

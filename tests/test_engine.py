@@ -1,0 +1,243 @@
+"""The decode engine against a no-cache full recomputation, and its invariants."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from helpers import reference_decode, split_steps
+from mlx_memosight import generate, load, stream_generate
+from mlx_memosight.engine import Engine, GenerationError, Selector
+
+MAX_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def loaded(reasoner):
+    path, task = reasoner
+    model, tokenizer = load(path)
+    return path, task, model, tokenizer, model.memosight_config
+
+
+def prompts(task, n=3, seed=7):
+    rng = np.random.default_rng(seed)
+    return [task.prompt(rng) for _ in range(n)]
+
+
+def run(model, cfg, prompt, max_tokens=MAX_TOKENS, **kw):
+    e = Engine(model, cfg, **kw)
+    events = list(e.generate(prompt, max_tokens))
+    return [ev.token for ev in events], e.stats, events
+
+
+def test_cached_engine_equals_full_recomputation(loaded):
+    _, task, model, _, cfg = loaded
+    compressions = 0
+    for prompt in prompts(task):
+        expected = reference_decode(model, cfg, prompt, MAX_TOKENS)
+        for kw in (dict(foresight=False), dict(draft_len=2), dict(draft_len=3, schedule="two-pass")):
+            tokens, stats, _ = run(model, cfg, prompt, **kw)
+            assert tokens == expected, kw
+        compressions += stats.compress_events
+        # a splitter committed last ends the budget before its compress pass
+        assert stats.compress_events == expected[:-1].count(cfg.token_ids.splitter)
+    assert compressions >= 3
+
+
+def test_foresight_never_changes_the_output(loaded):
+    _, task, model, _, cfg = loaded
+    fused_passes = two_pass_passes = accepted = 0
+    for prompt in prompts(task, seed=11):
+        base, base_stats, _ = run(model, cfg, prompt, foresight=False)
+        assert base_stats.drafted_tokens == 0
+        for g in (1, 2, 3, 4):
+            fused, fs, _ = run(model, cfg, prompt, draft_len=g)
+            two, ts, _ = run(model, cfg, prompt, draft_len=g, schedule="two-pass")
+            assert fused == base, g
+            assert two == base, g
+            assert fs.drafted_tokens > 0
+            # a fused pass commits 1 + accepted tokens, a two-pass iteration
+            # 2 + accepted in two passes: never more passes, fewer once drafts land
+            assert fs.forward_passes <= ts.forward_passes
+            fused_passes += fs.forward_passes
+            two_pass_passes += ts.forward_passes
+            accepted += fs.accepted_draft_tokens
+    assert accepted > 0 and fused_passes < two_pass_passes
+
+
+def test_no_compression_equals_plain_causal_decoding(loaded):
+    _, task, model, _, cfg = loaded
+    prompt = prompts(task)[0]
+    expected = reference_decode(model, cfg, prompt, 60, compress=False)
+    for kw in (dict(foresight=False), dict(draft_len=2)):
+        tokens, stats, _ = run(model, cfg, prompt, 60, compress=False, **kw)
+        assert tokens == expected
+        assert stats.compress_events == 0
+        # every committed token but the last (never fed) is in the cache
+        assert stats.final_kv_tokens == len(prompt) + len(tokens) - 1
+
+
+def test_kv_after_every_compress_event(loaded):
+    """After a compress event the cache holds the prompt plus (m_s + 1) per
+    finished step and nothing of the new step."""
+    _, task, model, _, cfg = loaded
+    for g in (0, 2):
+        for prompt in prompts(task, seed=3):
+            tokens, stats, events = run(model, cfg, prompt, draft_len=g, foresight=g > 0)
+            steps = split_steps(tokens[:-1], cfg.token_ids.splitter)
+            seen = 0
+            for i, ev in enumerate(events):
+                if ev.compress_event:
+                    done = steps[:seen + 1]
+                    seen += 1
+                    assert ev.kv_entries == len(prompt) + sum(cfg.memory_count(len(s)) + 1 for s in done)
+            assert seen == stats.compress_events == len(steps)
+
+
+def test_repetition_penalty_matches_reference(loaded):
+    _, task, model, tokenizer, cfg = loaded
+    exempt = tokenizer.all_special_ids
+    prompt = prompts(task, seed=5)[1]
+    ref = reference_decode(model, cfg, prompt, 80,
+                           selector=Selector(model.args.vocab_size, repetition_penalty=1.3, exempt_ids=exempt))
+    plain, _, _ = run(model, cfg, prompt, 80)
+    for kw in (dict(foresight=False), dict(draft_len=3), dict(draft_len=2, schedule="two-pass")):
+        tokens, _, _ = run(model, cfg, prompt, 80, repetition_penalty=1.3, exempt_ids=exempt, **kw)
+        assert tokens == ref
+    assert ref != plain  # the penalty did something
+
+
+def test_chunked_prefill(loaded):
+    _, task, model, _, cfg = loaded
+    prompt = prompts(task)[0] * 5
+    a, _, _ = run(model, cfg, prompt, 40, draft_len=2)
+    b, stats, _ = run(model, cfg, prompt, 40, draft_len=2, prefill_step_size=3)
+    assert a == b and stats.prefill_passes == 7
+
+
+def test_token_budget_is_exact(loaded):
+    _, task, model, _, cfg = loaded
+    prompt = prompts(task)[0]
+    full, _, _ = run(model, cfg, prompt, foresight=False)
+    for n in (1, 2, 5, 17):
+        if n > len(full):
+            continue
+        for kw in (dict(draft_len=4), dict(draft_len=4, schedule="two-pass"), dict(foresight=False)):
+            tokens, stats, _ = run(model, cfg, prompt, n, **kw)
+            assert tokens == full[:n], (n, kw)
+
+
+def test_sampling_is_reproducible(loaded):
+    _, task, model, _, cfg = loaded
+    prompt = prompts(task)[0]
+    outs = []
+    for _ in range(2):
+        mx.random.seed(42)
+        outs.append(run(model, cfg, prompt, 50, temp=1.0, top_p=0.9, draft_len=2)[0])
+    mx.random.seed(43)
+    other = run(model, cfg, prompt, 50, temp=1.0, draft_len=2)[0]
+    assert outs[0] == outs[1]
+    assert outs[0] != other
+
+
+def test_stream_generate_api(loaded):
+    _, task, model, tokenizer, cfg = loaded
+    for prompt in prompts(task, n=6, seed=1):
+        responses = list(stream_generate(model, tokenizer, prompt, 60, draft_len=2))
+        if any(r.from_draft for r in responses):
+            break
+    else:
+        pytest.fail("no draft was accepted on any prompt")
+    tokens = [r.token for r in responses]
+    assert tokens == run(model, cfg, prompt, 60, draft_len=2)[0]
+    assert sum(r.compress_event for r in responses) == responses[-1].stats.compress_events
+    assert responses[-1].finish_reason in ("stop", "length")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    nl = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    shown = [nl if t == cfg.token_ids.splitter else t for t in tokens if t != cfg.token_ids.eos]
+    assert "".join(r.text for r in responses) == tokenizer.decode(shown)
+    result = generate(model, tokenizer, prompt, 60, draft_len=2)
+    assert result.token_ids == tokens and result.stats.generated_tokens == len(tokens)
+
+
+@pytest.mark.parametrize(
+    "kwargs, prompt, message",
+    [
+        (dict(), [], "prompt is empty"),
+        (dict(), [5] * 3000, "context is 2048"),
+        (dict(max_tokens=0), [5, 6], "--max-tokens must be at least 1"),
+        (dict(draft_len=-1), [5, 6], "--draft-len must be between 0 and 16"),
+        (dict(draft_len=17), [5, 6], "--draft-len must be between 0 and 16"),
+    ],
+)
+def test_bad_input(loaded, kwargs, prompt, message):
+    _, _, model, _, cfg = loaded
+    kwargs = dict(kwargs)
+    max_tokens = kwargs.pop("max_tokens", 10)
+    with pytest.raises(GenerationError, match=message):
+        list(Engine(model, cfg, **kwargs).generate(prompt, max_tokens))
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_memosight.generate", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+
+
+def test_cli_streams_and_writes_stats(loaded, tmp_path):
+    path, task, model, tokenizer, cfg = loaded
+    stats_file = tmp_path / "stats.json"
+    r = cli("--model", str(path), "--prompt", "count", "--max-tokens", "40", "--stats-json", str(stats_file))
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr and "compress events" in r.stderr
+    d = json.loads(stats_file.read_text())
+    for key in ("text", "token_ids", "generated_tokens", "forward_passes", "drafted_tokens",
+                "accepted_draft_tokens", "compress_events", "peak_kv_tokens", "final_kv_tokens",
+                "prompt_tps", "generation_tps", "peak_memory_gb"):
+        assert key in d, key
+    assert d["generated_tokens"] == len(d["token_ids"]) <= 40
+    assert r.stdout == d["text"] + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--prompt", "  "], "prompt is empty"),
+        (["--prompt", "hi", "--draft-len", "17"], "--draft-len must be between 0 and 16"),
+        (["--prompt", "hi", "--draft-len", "-2"], "--draft-len must be between 0 and 16"),
+    ],
+)
+def test_cli_bad_input(loaded, args, message):
+    r = cli("--model", str(loaded[0]), *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_unreadable_model(tmp_path):
+    r = cli("--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("--model", str(tmp_path / "empty"), "--prompt", "hi")
+    assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plain_model_runs_plain_decoding(loaded, tmp_path):
+    import shutil
+
+    path = loaded[0]
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    (plain / "memosight.json").unlink()
+    r = cli("--model", str(plain), "--prompt", "hi", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "plain decoding" in r.stderr
+    model, tokenizer = load(plain)
+    assert model.memosight_config is None
+    res = generate(model, tokenizer, [40, 41, 42], 8)
+    assert res.stats.compress_events == 0 and res.stats.drafted_tokens == 0
