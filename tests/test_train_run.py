@@ -95,6 +95,14 @@ def test_adapters_load_with_mlx_lm_and_fuse(trained, capsys):
     assert np.array_equal(E0[:300], E1[:300]) and np.abs(E0[300:] - E1[300:]).max() > 1e-3
     config = json.loads((fused_path / "config.json").read_text())
     assert config["vocab_size"] == 609 and config["max_offset"] == 2 and 2 in config["eos_token_id"]
+    # the fused model decodes with MemoSight: steps end in a splitter and are compressed
+    from mlx_memosight import generate, load
+
+    fused, fused_tok = load(fused_path)
+    question = record(100)
+    result = generate(fused, fused_tok, question["question"], max_tokens=80,
+                      system=question["system_prompt"])
+    assert result.stats.compress_events >= 1 and result.stats.generated_tokens > 10
     # an existing output folder is kept unless --force
     code, _, err = run_cli(fuse_cli.main, ["--model", workdir / "base", "--adapter-path",
                                            workdir / "adapters", "--save-path", fused_path], capsys)
