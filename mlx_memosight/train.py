@@ -47,7 +47,7 @@ from .config import (
     description_ids,
 )
 from .datasets import BatchIterator, DataError, MemoSightDataset, batch_arrays, num_targets
-from .kernels import CompactMask
+from .layout import attention_mask
 from .model import attach_token_rope, forward, lm_head
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -337,10 +337,14 @@ def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visibl
     ``weights`` (its stream's loss weight over its stream's target count,
     with the factors the trainer expects, see :class:`BatchIterator`).
 
+    The mask is materialised here rather than passed in compact form: the
+    compact form goes to the decoder's attention kernels, which have no
+    gradient; a boolean mask goes to ``mx.fast.scaled_dot_product_attention``.
+
     Returns:
         ``(loss, real_tokens)``.
     """
-    mask = CompactMask(query_slot, query_limit, key_visible_until)
+    mask = attention_mask(query_slot, query_limit, key_visible_until, xp=mx)
     h = forward(model, inputs, positions, mask, hidden=True)
     h = mx.take_along_axis(h, rows[..., None], axis=1)
     ce = nn.losses.cross_entropy(lm_head(model, h), targets)

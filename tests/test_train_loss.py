@@ -146,3 +146,20 @@ def test_evaluation_weights_give_the_joint_loss(models):
     first = [samples[i] for i in order[:2]]
     part = joint_loss(model, first, cfg.lm_loss_weight, cfg.mtp_loss_weight).item()
     np.testing.assert_allclose(evaluate(model, dataset, batch_size=2, num_batches=1), part, rtol=1e-4)
+
+
+def test_training_does_not_use_the_decoder_kernels(models, monkeypatch):
+    """The attention kernels have no gradient: the loss must not route there."""
+    from mlx_memosight import kernels
+
+    family, _, model = models
+    cfg = family_cfg(family)
+    samples = mlx_samples(make_examples(2, seed=9))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("kernels.attention called during training")
+
+    monkeypatch.setattr(kernels, "attention", refuse)
+    loss, grads = nn.value_and_grad(model, lambda m: joint_loss(m, samples, cfg.lm_loss_weight,
+                                                                 cfg.mtp_loss_weight))(model)
+    assert loss.item() > 0 and all(np.isfinite(np.array(g)).all() for _, g in tree_flatten(grads))
