@@ -227,7 +227,7 @@ def prepare(model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig] = 
         values.update(overrides)
         cfg = build_config(_raw_tokenizer(tokenizer), hf_config.get("model_type"), hf_config,
                            template=template, **values)
-    hf_config["vocab_size"] = cfg_vocab(model)
+    hf_config["vocab_size"] = embedding_rows(model)
     for key in ("lm_loss_weight", "mtp_loss_weight", "max_offset"):
         hf_config[key] = getattr(cfg, key)
     return cfg, added
@@ -649,7 +649,7 @@ def train(model, tokenizer, train_set: MemoSightDataset, valid_set: Optional[Mem
     mx.random.seed(options.seed)
     attach_token_rope(model)
     fingerprint = model_fingerprint(model)
-    vocab = cfg_vocab(model)
+    vocab = embedding_rows(model)
     rows = memosight_token_rows(tokenizer) if options.train_token_rows else []
     adapter = setup_trainable(model, options.fine_tune_type, options.num_layers,
                               options.lora_parameters, rows)
@@ -755,7 +755,7 @@ def save_model(path, model, tokenizer, hf_config: dict, cfg: MemoSightConfig, fo
     try:
         mlx_save_model(staging, model)
         config = dict(hf_config)
-        config["vocab_size"] = int(cfg_vocab(model))
+        config["vocab_size"] = int(embedding_rows(model))
         for key in ("lm_loss_weight", "mtp_loss_weight", "max_offset"):
             config[key] = getattr(cfg, key)
         eos = config.get("eos_token_id")
@@ -774,7 +774,7 @@ def save_model(path, model, tokenizer, hf_config: dict, cfg: MemoSightConfig, fo
     return path
 
 
-def cfg_vocab(model) -> int:
+def embedding_rows(model) -> int:
     """Rows of the model's (possibly LoRA-wrapped) embedding."""
     emb = model.model.embed_tokens
     emb = emb.get("embedding", emb)
