@@ -328,7 +328,7 @@ def _spm_merges(tokens: List[str], types: List[int], scores: List[float]) -> Lis
     return [(left, right) for *_, left, right in found]
 
 
-def build_tokenizer(meta: TokenizerMeta, source: str = "GGUF", memosight: Optional[MemoSightConfig] = None):
+def build_tokenizer(meta: TokenizerMeta, source: str = "GGUF"):
     """A Hugging Face fast tokenizer rebuilt from GGUF tokenizer metadata.
 
     Returns:
@@ -1190,7 +1190,12 @@ def load_gguf(path):
     config = hf_config(meta, tensors, source)
     cfg = read_memosight(meta, source)
     tok_meta = read_tokenizer_meta(meta, source)
-    hf, detokenizer = build_tokenizer(tok_meta, source, cfg)
+    try:
+        hf, detokenizer = build_tokenizer(tok_meta, source)
+    except GGUFError:
+        raise
+    except Exception as e:
+        raise GGUFError(f"{source}: cannot rebuild the tokenizer from tokenizer.ggml.* ({_one_line(e)})")
     stop = [tok_meta.special[k] for k in ("eos", "eot") if k in tok_meta.special]
     model = build_model(config, arrays, source)
     return model, TokenizerWrapper(hf, detokenizer, eos_token_ids=stop), cfg
