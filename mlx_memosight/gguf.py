@@ -648,18 +648,17 @@ def _rope_factors(folder: ModelFolder) -> Optional[np.ndarray]:
     exactly (the import multiplies them back)."""
     scaling = folder.model.args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in ("default", None):
-        return None
-    if kind == "linear":
+    if kind in ("default", "linear", None):
         return None
     if kind != "llama3":
         raise GGUFError(f"{folder.path / 'config.json'}: rope_scaling type {kind!r} is not "
                         "supported by the GGUF export (supported: linear, llama3)")
     rope = folder.model.layers[0].self_attn.rope
-    rope = getattr(rope, "base", rope)
+    if not hasattr(rope, "_freqs"):
+        raise GGUFError(f"{folder.path / 'config.json'}: this mlx-lm version's llama3 rope keeps "
+                        "no frequencies to export")
     dims = rope.dims
-    base = float(folder.model.args.rope_theta)
-    plain = np.array(_unscaled_freqs(base, dims))
+    plain = np.array(_unscaled_freqs(float(folder.model.args.rope_theta), dims))
     target = np.array(rope._freqs.astype(mx.float32))
     factors = (target / plain).astype(np.float32)
     for i in range(len(factors)):
@@ -696,6 +695,8 @@ def plan_tensors(folder: ModelFolder, gguf_type: Optional[str]) -> Tuple[str, Li
                         f"export (supported: {', '.join(ARCHS)})")
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise GGUFError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    if getattr(folder.model.args, "rope_traditional", False):
+        raise GGUFError(f"{folder.path / 'config.json'}: rope_traditional models have no GGUF export")
     quantized = folder.quantized
     if quantized:
         kinds = sorted({(m.bits, m.group_size, getattr(m, "mode", "affine")) for m in quantized.values()})
@@ -714,7 +715,8 @@ def plan_tensors(folder: ModelFolder, gguf_type: Optional[str]) -> Tuple[str, Li
     qtype = QTYPES[gguf_type]
     arch = ARCHS[model_type]
     names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    heads = folder.model.args.num_attention_heads
+    kv_heads = folder.model.args.num_key_value_heads or heads
     params = folder.parameters
     tensors = []
     for path, value in params.items():
@@ -751,7 +753,7 @@ def plan_tensors(folder: ModelFolder, gguf_type: Optional[str]) -> Tuple[str, Li
     return gguf_type, tensors
 
 
-def tensor_data(t: GGUFTensor, params: Dict[str, mx.array], quantized: Dict[str, nn.Module]) -> np.ndarray:
+def tensor_data(t: GGUFTensor, params: Dict[str, mx.array]) -> np.ndarray:
     """The bytes of one GGUF tensor (a numpy array in its GGUF layout)."""
     Q = gguf.GGMLQuantizationType
     if t.data is not None:
@@ -862,6 +864,8 @@ def export_gguf(model_dir, out_file, gguf_type: Optional[str] = None, force: boo
     """
     from tqdm import tqdm
 
+    from .convert import CACHE_BYTES
+
     out_file = Path(out_file)
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise GGUFError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
@@ -871,10 +875,10 @@ def export_gguf(model_dir, out_file, gguf_type: Optional[str] = None, force: boo
     gguf_type, tensors = plan_tensors(folder, gguf_type)
     ms = folder.memosight
     source = str(folder.path)
-    tok_meta = tokenizer_metadata(folder.tokenizer, folder.config["vocab_size"], source,
+    tok_meta = tokenizer_metadata(folder.tokenizer, folder.model.args.vocab_size, source,
                                   eot=ms.token_ids.eos if ms else None)
     check_tokenizer(folder.tokenizer, tok_meta, source, ms)
-    params, quantized = folder.parameters, folder.quantized
+    params = folder.parameters
     arch = gguf.MODEL_ARCH_NAMES[ARCHS[folder.config["model_type"]]]
     with staged_file(out_file, force) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -897,7 +901,9 @@ def export_gguf(model_dir, out_file, gguf_type: Optional[str] = None, force: boo
                        file=sys.stderr)
             with bar:
                 for t in tensors:
-                    writer.write_tensor_data(tensor_data(t, params, quantized))
+                    writer.write_tensor_data(tensor_data(t, params))
+                    if mx.get_cache_memory() > CACHE_BYTES:
+                        mx.clear_cache()
                     bar.update()
         except OSError as e:
             raise GGUFError(f"{out_file}: writing failed ({e.strerror or _one_line(e)})")
@@ -1124,8 +1130,8 @@ def build_model(config: dict, arrays: Dict[str, mx.array], source: str) -> nn.Mo
         scales = arrays.get(gguf_name(f"{p}.weight")[: -len(".weight")] + ".scales")
         if scales is None:
             return False
-        w = arrays[gguf_name(f"{p}.weight")]
-        bits = 32 * w.shape[-1] // (scales.shape[-1] * 32)
+        # ggml blocks hold 32 weights; MLX packs them into `bits` uint32 words
+        bits = arrays[gguf_name(f"{p}.weight")].shape[-1] // scales.shape[-1]
         return {"group_size": 32, "bits": bits, "mode": "affine"}
 
     expected = dict(tree_flatten(model.parameters()))

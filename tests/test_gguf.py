@@ -474,15 +474,21 @@ def test_failed_gguf_export_leaves_no_folder(checkpoint, tmp_path, capsys, monke
 # llama.cpp
 
 
-def llama_cpp_model(path, n_ctx=512):
+@pytest.fixture
+def llama_cpp_model():
+    """``llama_cpp_model(path)``: llama.cpp's model of a GGUF file."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the test extra)")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=2, seed=0)
+
+    def make(path, n_ctx=512):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                               n_threads=2, seed=0)
+
+    return make
 
 
 @pytest.mark.parametrize("family, tokenizer, pre", [("qwen2", "qwen2", "qwen2"),
                                                     ("llama", "llama3", "llama-bpe")])
-def test_llama_cpp_runs_the_exported_f16_file(family, tokenizer, pre, tmp_path):
+def test_llama_cpp_runs_the_exported_f16_file(family, tokenizer, pre, tmp_path, llama_cpp_model):
     """llama.cpp loads the f16 file of a real-tokenizer model, tokenizes like the
     Hugging Face tokenizer, computes the same logits within float16 rounding
     and continues greedily token for token like MLX."""
@@ -523,7 +529,7 @@ def test_llama_cpp_runs_the_exported_f16_file(family, tokenizer, pre, tmp_path):
     assert cpp_tokens == mlx_tokens
 
 
-def test_sentencepiece_tokenizer_exports_as_llama(tmp_path):
+def test_sentencepiece_tokenizer_exports_as_llama(tmp_path, llama_cpp_model):
     """A SentencePiece (byte-fallback BPE) tokenizer becomes a ``llama``
     tokenizer with scores and byte tokens; the rebuilt tokenizer matches the
     original everywhere and llama.cpp matches it on text (llama.cpp inserts a
