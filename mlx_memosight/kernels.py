@@ -1,17 +1,24 @@
 """Dispatch for the two operations that have custom kernels on Apple GPUs:
 MemoSight-masked attention and KV-cache compaction.
 
-Each has a pure-MLX reference here, used on every backend without the kernel
-and as the oracle in tests.
+Each has a pure-MLX reference here, used on every backend without Metal and
+as the oracle in tests. The Metal sources live in ``metal/`` (installed as
+``mlx_memosight/metal``); each kernel is built once, on first use. A kernel
+that fails to compile or run is reported once with a warning and the
+reference takes over. ``MLX_MEMOSIGHT_REFERENCE=1`` forces the references.
 """
 
+import math
 import os
+import warnings
+from pathlib import Path
 
 import mlx.core as mx
 
 from .layout import attention_mask
 
 FORCE_REFERENCE_ENV = "MLX_MEMOSIGHT_REFERENCE"
+BODY_MARKER = "// ---- kernel body ----"
 
 
 class CompactMask:
@@ -56,12 +63,6 @@ def attention_reference(queries, keys, values, scale: float, mask: CompactMask) 
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask.array)
 
 
-def attention(queries, keys, values, scale: float, mask: CompactMask) -> mx.array:
-    """Attention of ``queries (B, Hq, Q, D)`` over ``keys`` / ``values``
-    ``(B, Hkv, K, D)`` under a :class:`CompactMask`."""
-    return attention_reference(queries, keys, values, scale, mask)
-
-
 def use_reference() -> bool:
     """True when ``MLX_MEMOSIGHT_REFERENCE=1`` forces the pure-MLX paths."""
     return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
@@ -78,12 +79,350 @@ def compact_reference(layers, start: int, end: int, length: int):
         tails.append(mx.contiguous(c.keys[..., end:length, :]))
         tails.append(mx.contiguous(c.values[..., end:length, :]))
     mx.eval(tails)
-    n = length - end
+    _write_tails(layers, start, tails)
+
+
+def _write_tails(layers, start: int, tails):
+    n = tails[0].shape[2]
     for i, c in enumerate(layers):
         c.keys[..., start : start + n, :] = tails[2 * i]
         c.values[..., start : start + n, :] = tails[2 * i + 1]
 
 
+# ----------------------------------------------------------------------------
+# Metal kernels
+
+SUPPORTED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+MAX_QUERIES = 512  # longer blocks (prompt chunks) stay with mx.fast's attention
+ATTENTION_THREADS = 128  # 4 simdgroups, as attention.metal assumes
+MIN_KEYS_PER_SPLIT = 256
+TARGET_THREADGROUPS = 64
+# A dispatch binds at most 31 buffers: the sources, src0's shape, the span
+# and the output.
+MAX_COMPACT_ARRAYS = 28
+COMPACT_THREADS = 256
+
+
+def source_dir() -> Path:
+    """The folder holding the ``*.metal`` sources (installed or in a checkout)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "metal", here.parent / "metal"):
+        if (d / "attention.metal").exists():
+            return d
+    raise FileNotFoundError(f"the Metal sources (attention.metal) are not beside {here}")
+
+
+def read_kernel_source(filename: str):
+    """Split a kernel file into ``(header, body)`` at its body marker."""
+    path = source_dir() / filename
+    header, marker, body = path.read_text().partition(BODY_MARKER)
+    if not marker:
+        raise ValueError(f"{path}: no '{BODY_MARKER}' line")
+    return header, body
+
+
+class MetalKernel:
+    """One kernel of ``metal/``, built with ``mx.fast.metal_kernel`` on its
+    first call and then reused.
+
+    Calls take ``mx.fast.metal_kernel``'s call arguments (``inputs``,
+    ``template``, ``grid``, ``threadgroup``, ``output_shapes``,
+    ``output_dtypes``). The wrappers launch kernels through a ``launch``
+    function (by default :func:`metal_launch`) so that a CPU emulator can run
+    the very same calls in tests.
+    """
+
+    def __init__(self, name, filename, input_names, output_names, ensure_row_contiguous=True,
+                 extra_header=""):
+        self.name = name
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.ensure_row_contiguous = ensure_row_contiguous
+        header, self.source = read_kernel_source(filename)
+        self.header = extra_header + header
+        self._kernel = None
+
+    def __call__(self, **kwargs):
+        if self._kernel is None:
+            self._kernel = mx.fast.metal_kernel(
+                name=self.name,
+                input_names=self.input_names,
+                output_names=self.output_names,
+                source=self.source,
+                header=self.header,
+                ensure_row_contiguous=self.ensure_row_contiguous,
+            )
+        return self._kernel(**kwargs)
+
+
+def metal_launch(kernel: MetalKernel, **kwargs):
+    return kernel(**kwargs)
+
+
+_KERNELS = {}
+
+
+def get_kernel(key) -> MetalKernel:
+    """The kernel for ``key`` (``"attention"``, ``"attention_merge"`` or
+    ``("compact", n_arrays)``), made on first request."""
+    if key not in _KERNELS:
+        if key == "attention":
+            k = MetalKernel(
+                "memosight_attention",
+                "attention.metal",
+                ["queries", "keys", "values", "scale", "query_slot", "query_limit",
+                 "key_visible_until"],
+                ["out"],
+                ensure_row_contiguous=False,
+            )
+        elif key == "attention_merge":
+            k = MetalKernel("memosight_attention_merge", "attention_merge.metal", ["parts"], ["out"])
+        elif isinstance(key, tuple) and key[0] == "compact":
+            n = key[1]
+            select = " ".join(f"if ((a) == {i}) p = src{i};" for i in range(n))
+            k = MetalKernel(
+                f"memosight_compact_{n}",
+                "compact.metal",
+                [f"src{i}" for i in range(n)] + ["span"],
+                ["tails"],
+                extra_header=f"#define MEMOSIGHT_SELECT_SOURCE(p, a) {select}\n",
+            )
+        else:
+            raise KeyError(key)
+        _KERNELS[key] = k
+    return _KERNELS[key]
+
+
+class AttentionPlan:
+    """How :func:`attention_kernel` splits one call into threadgroups."""
+
+    def __init__(self, queries, keys, splits=None):
+        B, Hq, Q, D = queries.shape
+        Hkv, K = keys.shape[1], keys.shape[2]
+        self.group = Hq // Hkv
+        rows = self.group * Q
+        # Threadgroup memory (32 KB) holds 4 * rs query rows and a key tile.
+        cap = 8 if D <= 96 else 4
+        rs = 1
+        while rs < cap and 4 * rs < rows:
+            rs *= 2
+        self.rows_per_simdgroup = rs
+        self.blocks = math.ceil(rows / (4 * rs))
+        base = B * Hkv * self.blocks
+        if splits is None:
+            splits = 1
+            if base < TARGET_THREADGROUPS:
+                splits = min(math.ceil(K / MIN_KEYS_PER_SPLIT), math.ceil(TARGET_THREADGROUPS / base))
+        self.splits = max(1, min(splits, math.ceil(K / 32)))
+        self.grid = (ATTENTION_THREADS * self.blocks, B * Hkv, self.splits)
+        dtype = queries.dtype
+        self.out_dtype = dtype if self.splits == 1 else mx.float32
+        self.template = [
+            ("T", dtype),
+            ("O", self.out_dtype),
+            ("D", D),
+            ("G", self.group),
+            ("RS", rs),
+            ("SPLIT", self.splits > 1),
+        ]
+        # Inputs under 8 elements are bound as constant memory: another variant.
+        self.key = tuple((n, str(v)) for n, v in self.template) + (B * Q < 8, B * K < 8)
+
+
+def attention_supported(queries, keys, values, mask: CompactMask) -> bool:
+    """True when the attention kernel handles these shapes and dtypes."""
+    if queries.ndim != 4 or keys.ndim != 4 or values.shape != keys.shape:
+        return False
+    B, Hq, Q, D = queries.shape
+    Hkv, K = keys.shape[1], keys.shape[2]
+    return (
+        queries.dtype in SUPPORTED_DTYPES
+        and keys.dtype == queries.dtype
+        and values.dtype == queries.dtype
+        and D in SUPPORTED_HEAD_DIMS
+        and keys.shape[0] == B
+        and keys.shape[3] == D
+        and Hkv > 0
+        and Hq % Hkv == 0
+        and 0 < Q <= MAX_QUERIES
+        and K > 0
+        and mask.num_keys == K
+        and mask.query_slot.shape[-1] == Q
+        and mask.query_limit.shape[-1] == Q
+        and all(x.ndim == 1 or (x.ndim == 2 and x.shape[0] == B)
+                for x in (mask.query_slot, mask.query_limit, mask.key_visible_until))
+    )
+
+
+def _per_batch(x, batch: int, n: int):
+    if x.dtype != mx.int32:
+        x = x.astype(mx.int32)
+    return mx.broadcast_to(x, (batch, n)) if x.ndim == 1 else x
+
+
+def attention_kernel(queries, keys, values, scale: float, mask: CompactMask, launch=None,
+                     plan: AttentionPlan = None) -> mx.array:
+    """MemoSight-masked attention with the Metal kernel (see
+    ``metal/attention.metal``). ``keys`` / ``values`` may be views of larger
+    buffers: the kernel reads them through their strides.
+
+    Args:
+        launch: runs one kernel call (default :func:`metal_launch`: on the
+            Apple GPU).
+        plan: the threadgroup split (default: :class:`AttentionPlan`).
+
+    Returns:
+        ``(B, Hq, Q, D)`` in the queries' dtype.
+    """
+    B, Hq, Q, D = queries.shape
+    K = keys.shape[2]
+    launch = launch or metal_launch
+    plan = plan or AttentionPlan(queries, keys)
+    inputs = [
+        queries,
+        keys,
+        values,
+        mx.array(scale, dtype=mx.float32),
+        _per_batch(mask.query_slot, B, Q),
+        _per_batch(mask.query_limit, B, Q),
+        _per_batch(mask.key_visible_until, B, K),
+    ]
+    out_shape = (B, Hq, Q, D) if plan.splits == 1 else (plan.splits, B * Hq * Q, D + 2)
+    (out,) = launch(
+        get_kernel("attention"),
+        inputs=inputs,
+        template=plan.template,
+        grid=plan.grid,
+        threadgroup=(ATTENTION_THREADS, 1, 1),
+        output_shapes=[out_shape],
+        output_dtypes=[plan.out_dtype],
+    )
+    if plan.splits == 1:
+        return out
+    n = B * Hq * Q * D
+    (merged,) = launch(
+        get_kernel("attention_merge"),
+        inputs=[out],
+        template=[("T", queries.dtype), ("D", D)],
+        grid=(math.ceil(n / COMPACT_THREADS) * COMPACT_THREADS, 1, 1),
+        threadgroup=(COMPACT_THREADS, 1, 1),
+        output_shapes=[(B * Hq * Q, D)],
+        output_dtypes=[queries.dtype],
+    )
+    return merged.reshape(B, Hq, Q, D)
+
+
+def compact_supported(layers) -> bool:
+    """True when every layer's keys and values share one 4-D shape and a
+    supported dtype (what the compaction kernel copies in one go)."""
+    arrays = [x for c in layers for x in (c.keys, c.values)]
+    if not arrays or any(x is None for x in arrays):
+        return False
+    first = arrays[0]
+    return (
+        first.ndim == 4
+        and first.size >= 8  # smaller inputs would be bound as constant memory
+        and first.dtype in SUPPORTED_DTYPES
+        and all(x.shape == first.shape and x.dtype == first.dtype for x in arrays)
+    )
+
+
+def compact_tails(layers, end: int, length: int, launch=None):
+    """Entries ``[end, length)`` of every layer's keys and values, copied out
+    by the compaction kernel in ``ceil(2 * layers / 28)`` dispatches and
+    evaluated.
+
+    Returns:
+        ``[keys_0, values_0, keys_1, ...]``, each ``(B, H, length - end, D)``.
+    """
+    launch = launch or metal_launch
+    arrays = [x for c in layers for x in (c.keys, c.values)]
+    B, H, _, D = arrays[0].shape
+    count = length - end
+    n_chunks = math.ceil(len(arrays) / MAX_COMPACT_ARRAYS)
+    size = math.ceil(len(arrays) / n_chunks)
+    span = mx.array([end, count], dtype=mx.int32)
+    outs = []
+    for i in range(0, len(arrays), size):
+        chunk = arrays[i : i + size]
+        n = len(chunk)
+        total = n * B * H * count * D
+        (tails,) = launch(
+            get_kernel(("compact", n)),
+            inputs=chunk + [span],
+            template=[("T", chunk[0].dtype), ("N", n)],
+            grid=(math.ceil(total / COMPACT_THREADS) * COMPACT_THREADS, 1, 1),
+            threadgroup=(COMPACT_THREADS, 1, 1),
+            output_shapes=[(n, B, H, count, D)],
+            output_dtypes=[chunk[0].dtype],
+        )
+        outs.append(tails)
+    mx.eval(outs)
+    return [t[j] for t in outs for j in range(t.shape[0])]
+
+
+def compact_kernel(layers, start: int, end: int, length: int, launch=None):
+    """:func:`compact_reference` with the tails copied out by the kernel."""
+    _write_tails(layers, start, compact_tails(layers, end, length, launch))
+
+
+# ----------------------------------------------------------------------------
+# Dispatch
+
+_failed = set()
+_checked = set()
+
+
+def kernels_available() -> bool:
+    """True when the Metal kernels may run: an Apple GPU and no
+    ``MLX_MEMOSIGHT_REFERENCE=1``."""
+    return not use_reference() and mx.metal.is_available()
+
+
+def _run_kernel(name: str, key, fn):
+    """``fn()``, or None after warning once if the kernel fails. The first
+    call of each compiled variant is evaluated here, so that a compile error
+    surfaces now rather than in a later ``mx.eval``."""
+    if name in _failed:
+        return None
+    try:
+        out = fn()
+        if key not in _checked:
+            mx.eval(out)
+            _checked.add(key)
+        return out
+    except Exception as e:  # a kernel must never take the decoder down
+        _failed.add(name)
+        warnings.warn(
+            f"mlx_memosight: the Metal {name} kernel failed ({type(e).__name__}: {e}); "
+            "using the pure-MLX path instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def attention(queries, keys, values, scale: float, mask: CompactMask) -> mx.array:
+    """Attention of ``queries (B, Hq, Q, D)`` over ``keys`` / ``values``
+    ``(B, Hkv, K, D)`` under a :class:`CompactMask`: the Metal kernel where
+    it applies, else the reference."""
+    if kernels_available() and attention_supported(queries, keys, values, mask):
+        plan = AttentionPlan(queries, keys)
+        out = _run_kernel(
+            "attention", plan.key, lambda: attention_kernel(queries, keys, values, scale, mask, plan=plan)
+        )
+        if out is not None:
+            return out
+    return attention_reference(queries, keys, values, scale, mask)
+
+
 def compact(layers, start: int, end: int, length: int):
     """Remove the span ``[start, end)`` from every layer's K/V buffers."""
+    if kernels_available() and compact_supported(layers):
+        key = ("compact", str(layers[0].keys.dtype), len(layers))
+        tails = _run_kernel("compaction", key, lambda: compact_tails(layers, end, length))
+        if tails is not None:
+            _write_tails(layers, start, tails)
+            return
     compact_reference(layers, start, end, length)
