@@ -827,8 +827,8 @@ def _raw_config(path: Path) -> dict:
         return {}
 
 
-def _check_gguf_request(ckpt_path: Path, gguf: Path, gguf_type: Optional[str], force: bool,
-                        quantize: bool, q_bits: Optional[int], q_group_size: Optional[int]):
+def _check_gguf_request(gguf: Path, gguf_type: Optional[str], force: bool, quantize: bool,
+                        q_bits: Optional[int], q_group_size: Optional[int]):
     """Refuse a GGUF request that cannot succeed before anything is converted."""
     from .gguf import GGUF_TYPES
 
@@ -897,7 +897,7 @@ def convert(
         from .gguf import export_gguf, is_mlx_folder
 
         gguf = Path(gguf)
-        _check_gguf_request(ckpt_path, gguf, gguf_type, force, quantize, q_bits, q_group_size)
+        _check_gguf_request(gguf, gguf_type, force, quantize, q_bits, q_group_size)
         if is_mlx_folder(ckpt_path):
             extra = [flag for flag, on in (("-o", out_path is not None), ("--dtype", dtype),
                                           ("-q", quantize), ("--verify", verify)) if on]
