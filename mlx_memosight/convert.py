@@ -2,6 +2,7 @@
 
     mlx_memosight.convert CKPT -o OUT [--dtype float16|bfloat16|float32]
         [-q] [--q-bits N] [--q-group-size N] [--force] [--verify]
+        [--gguf FILE [--gguf-type f32|f16|q8_0|q4_0|q4_1]]
 
 CKPT is a Hugging Face ``save_pretrained`` folder (often a Trainer
 ``checkpoint-N/``) of a Qwen2 or Llama model. OUT is an mlx-lm model folder
@@ -20,7 +21,9 @@ added beside the MLX folder:
   tensor rather than the largest shard;
 * :func:`verify_conversion` compares the PyTorch model with the converted one;
 * :func:`staged_output` writes into a temporary folder beside OUT and renames
-  it at the end, so a failure leaves nothing behind.
+  it at the end, so a failure leaves nothing behind;
+* with ``--gguf`` the converted folder is also written as one GGUF file
+  (:mod:`mlx_memosight.gguf`); CKPT may then be an MLX folder already.
 """
 
 import argparse
@@ -32,6 +35,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -815,6 +819,37 @@ def _check_quantization(bits: Optional[int], group_size: Optional[int]):
                            f"these settings ({_one_line(e)})")
 
 
+def _raw_config(path: Path) -> dict:
+    try:
+        with open(path / "config.json") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_gguf_request(gguf: Path, gguf_type: Optional[str], force: bool, quantize: bool,
+                        q_bits: Optional[int], q_group_size: Optional[int]):
+    """Refuse a GGUF request that cannot succeed before anything is converted."""
+    from .gguf import GGUF_TYPES
+
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise ConvertError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    if gguf.exists() and not force:
+        raise ConvertError(f"{gguf}: already exists (pass --force to replace it)")
+    if gguf.is_dir():
+        raise ConvertError(f"--gguf {gguf}: is a folder, not a file")
+    if not gguf.parent.is_dir():
+        raise ConvertError(f"--gguf {gguf}: the folder {gguf.parent} does not exist")
+    if quantize:
+        bits, group = q_bits or 4, q_group_size or 64
+        if gguf_type not in (None, "q4_1") or (bits, group) != (4, 32):
+            raise ConvertError(
+                f"--gguf-type {gguf_type or 'q4_1'}: -q makes {bits}-bit group-{group} MLX "
+                "weights; only 4-bit group-32 weights map to GGUF (q4_1) without requantising "
+                "(use -q --q-bits 4 --q-group-size 32, or drop -q and pick --gguf-type)"
+            )
+
+
 def convert(
     ckpt_path,
     out_path,
@@ -827,8 +862,10 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = True,
     log=print,
+    gguf=None,
+    gguf_type: Optional[str] = None,
 ) -> dict:
-    """Convert a checkpoint folder into an MLX model folder.
+    """Convert a checkpoint folder into an MLX model folder and / or a GGUF file.
 
     Args:
         ckpt_path: the Hugging Face checkpoint folder.
@@ -841,15 +878,48 @@ def convert(
             tolerance (:data:`TOLERANCE`).
         max_shard_bytes: largest weight file to write.
         log: where progress lines go (notices go to stderr).
+        gguf: also write this GGUF file (``out_path`` may then be None).
+            ``ckpt_path`` may be an MLX model folder, which is exported as is.
+        gguf_type: the GGUF tensor type (:data:`mlx_memosight.gguf.GGUF_TYPES`).
 
     Returns:
         A summary dict (``out``, ``files``, ``bytes``, ``dtype``,
-        ``quantization``, ``memosight``, ``verify``).
+        ``quantization``, ``memosight``, ``verify``, ``gguf``).
 
     Raises:
-        ConvertError: with a one-line message; nothing is left at ``out_path``.
+        ConvertError: with a one-line message; nothing is left at ``out_path``
+            or ``gguf``.
     """
-    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
+    ckpt_path = Path(ckpt_path)
+    if out_path is None and gguf is None:
+        raise ConvertError("-o/--out or --gguf is required")
+    if gguf is not None:
+        from .gguf import export_gguf, is_mlx_folder
+
+        gguf = Path(gguf)
+        _check_gguf_request(gguf, gguf_type, force, quantize, q_bits, q_group_size)
+        if is_mlx_folder(ckpt_path):
+            extra = [flag for flag, on in (("-o", out_path is not None), ("--dtype", dtype),
+                                          ("-q", quantize), ("--verify", verify)) if on]
+            if extra:
+                raise ConvertError(f"{extra[0]}: {ckpt_path} is already an MLX model folder; "
+                                   "only --gguf / --gguf-type apply to it")
+            return {"out": None, "gguf": export_gguf(ckpt_path, gguf, gguf_type, force, progress, log)}
+        if quantize and (dtype or _checkpoint_dtype(_raw_config(ckpt_path))) == "float32":
+            raise ConvertError("--gguf-type q4_1 stores the MLX scales as float16: add --dtype "
+                               "float16 to -q (the checkpoint is float32)")
+        if out_path is None:
+            # The MLX folder the GGUF file is written from lives in a
+            # temporary folder beside it.
+            with tempfile.TemporaryDirectory(prefix=f".{gguf.name}.mlx-", dir=gguf.parent) as tmp:
+                mlx_dir = Path(tmp) / "model"
+                summary = convert(ckpt_path, mlx_dir, dtype, quantize, q_bits, q_group_size, force,
+                                  verify, max_shard_bytes, progress,
+                                  lambda line: line.startswith(f"saved {mlx_dir}") or log(line),
+                                  gguf, gguf_type)
+            summary["out"] = None
+            return summary
+    out_path = Path(out_path)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize:
@@ -880,6 +950,7 @@ def convert(
                     f"--verify: max |logit difference| {result.max_diff:.3g} is above the "
                     f"tolerance {result.tolerance:.3g} for {result.dtype}; nothing was written"
                 )
+        exported = export_gguf(tmp, gguf, gguf_type, force, progress, log) if gguf else None
     summary = {
         "out": out_path,
         "files": files,
@@ -888,6 +959,7 @@ def convert(
         "quantization": plan.quantization,
         "memosight": ckpt.memosight,
         "verify": result,
+        "gguf": exported,
     }
     q = plan.quantization
     what = f"{q['bits']}-bit (group size {q['group_size']})" if q else plan.dtype
@@ -905,10 +977,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx_memosight.convert",
         description="Convert a PyTorch-trained MemoSight checkpoint (a Hugging Face "
-        "save_pretrained folder) into an MLX model folder.",
+        "save_pretrained folder) into an MLX model folder and / or a GGUF file.",
     )
     p.add_argument("checkpoint", help="Checkpoint folder (config.json, weights, tokenizer).")
-    p.add_argument("-o", "--out", required=True, help="MLX model folder to create.")
+    p.add_argument("-o", "--out", help="MLX model folder to create.")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="Type of the non-quantized parameters (default: the checkpoint's).")
     p.add_argument("-q", "--quantize", action="store_true", help="Generate a quantized model.")
@@ -919,6 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="Replace an existing output folder.")
     p.add_argument("--verify", action="store_true",
                    help="Compare logits with the PyTorch model on a MemoSight sample (needs torch).")
+    p.add_argument("--gguf", metavar="FILE",
+                   help="Also write a GGUF file (llama.cpp) with the MemoSight metadata; CKPT may "
+                   "then be an MLX model folder.")
+    p.add_argument("--gguf-type", choices=("f32", "f16", "q8_0", "q4_0", "q4_1"), default=None,
+                   help="GGUF tensor type (default: q4_1 for a 4-bit group-32 MLX model, else f16).")
     return p
 
 
@@ -934,12 +1011,14 @@ def main(argv=None):
             q_group_size=args.q_group_size,
             force=args.force,
             verify=args.verify,
+            gguf=args.gguf,
+            gguf_type=args.gguf_type,
         )
     except (ConvertError, ConfigError) as e:
         print(f"mlx_memosight.convert: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        print(f"mlx_memosight.convert: error: {e.filename or args.out}: "
+        print(f"mlx_memosight.convert: error: {e.filename or args.out or args.gguf}: "
               f"{e.strerror or _one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

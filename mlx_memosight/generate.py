@@ -55,18 +55,23 @@ class GenerationResult:
 
 
 def load(path, lazy: bool = False):
-    """Load a MemoSight (or plain) model folder.
+    """Load a MemoSight (or plain) model folder or GGUF file.
 
     Returns:
         ``(model, tokenizer)`` as mlx-lm does; the MemoSight configuration is
         ``model.memosight_config`` (None for a plain model).
     """
-    from .model import load as _load
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
-    model, tokenizer, cfg = _load(path, lazy=lazy)
+    if path.is_file():
+        from .gguf import load_gguf
+
+        model, tokenizer, cfg = load_gguf(path)
+    else:
+        from .model import load as _load
+
+        model, tokenizer, cfg = _load(path, lazy=lazy)
     model.memosight_config = cfg
     return model, tokenizer
 
@@ -262,7 +267,8 @@ def main(argv=None):
         model, tokenizer = load(model_path)
         cfg = model.memosight_config
         if cfg is None:
-            print(f"notice: {model_path} has no memosight.json; running plain decoding", file=sys.stderr)
+            what = "memosight.* metadata" if model_path.is_file() else "memosight.json"
+            print(f"notice: {model_path} has no {what}; running plain decoding", file=sys.stderr)
         if args.seed is not None:
             mx.random.seed(args.seed)
         result = None
