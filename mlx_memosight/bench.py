@@ -111,14 +111,14 @@ def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
                curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events)
 
 
-def configurations(cfg, draft_len):
+def configurations(cfg, draft_len, foresight_sets="all"):
     if cfg is None:
         return {"plain": dict(foresight=False, compress=False)}
     return {
         "plain": dict(foresight=False, compress=False),
         "no-foresight": dict(foresight=False),
         "two-pass": dict(draft_len=draft_len, schedule="two-pass"),
-        "memosight": dict(draft_len=draft_len),
+        "memosight": dict(draft_len=draft_len, foresight_sets=foresight_sets),
     }
 
 
@@ -175,7 +175,8 @@ def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
 
 
 def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=None,
-          repeats=1, system=None, raw_prompt=False, progress=True) -> Dict[str, Row]:
+          repeats=1, system=None, raw_prompt=False, progress=True,
+          foresight_sets="all") -> Dict[str, Row]:
     """Run every configuration on every prompt, interleaved; returns the rows.
 
     Args:
@@ -192,7 +193,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     plain = None
     if plain_model_path is not None:
         plain = load(plain_model_path)
-    configs = configurations(cfg, g)
+    configs = configurations(cfg, g, foresight_sets)
     rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
     if plain is not None:
         rows["mlx_lm"].name = "mlx_lm (plain model)"
@@ -258,6 +259,8 @@ def build_parser():
     p.add_argument("--raw-prompt", action="store_true", help="prompts are the full text, no template")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--draft-len", type=int)
+    p.add_argument("--foresight-sets", choices=("all", "last"), default="all",
+                   help="foresight sets of the memosight row (see generate --help)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (fastest kept)")
     p.add_argument("--out", help="folder for summary.json and the PNG plots")
     return p
@@ -271,7 +274,7 @@ def main(argv=None):
         else:
             items = [dict(it, prompt=eval_prompt(it)) for it in load_items(args.data, limit=args.limit)]
         rows = bench(args.model, items, args.max_tokens, args.draft_len, args.plain_model,
-                     args.repeats, args.system, args.raw_prompt)
+                     args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
     except (GenerationError, ConfigError, FileNotFoundError, AssertionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

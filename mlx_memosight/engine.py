@@ -32,6 +32,7 @@ from .layout import Pass, PassBuilder, StepState
 from .model import TokenPositions, forward
 
 SCHEDULES = ("fused", "two-pass")
+FORESIGHT_SETS = ("all", "last")
 MAX_DRAFT_LEN = 16
 
 
@@ -167,6 +168,12 @@ class Engine:
         foresight: draft with foresight tokens.
         compress: compress finished steps into memory tokens and evict them.
         schedule: ``"fused"`` or ``"two-pass"``.
+        foresight_sets: in the fused pass, a foresight set after every draft
+            prefix (``"all"``: drafts survive any rejection; best where extra
+            tokens in a pass cost little, as on GPUs) or only after the whole
+            block (``"last"``: fewer tokens per pass; after a rejection the
+            next pass drafts afresh; best where every token in a pass costs
+            compute, as on CPUs).
         temp, top_p: sampling (greedy when ``temp == 0``).
         repetition_penalty: 1.0 disables it; 1.1 reproduces the reference
             evaluation.
@@ -178,11 +185,16 @@ class Engine:
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
+                 foresight_sets: str = "all",
                  temp: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  exempt_ids: Sequence[int] = (), stop_ids: Sequence[int] = (),
                  prefill_step_size: int = 512, max_position: Optional[int] = None):
         if schedule not in SCHEDULES:
             raise GenerationError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+        if foresight_sets not in FORESIGHT_SETS:
+            raise GenerationError(
+                f"--foresight-sets must be one of {', '.join(FORESIGHT_SETS)}, not {foresight_sets!r}"
+            )
         if draft_len is not None and not 0 <= draft_len <= MAX_DRAFT_LEN:
             raise GenerationError(f"--draft-len must be between 0 and {MAX_DRAFT_LEN}, got {draft_len}")
         if repetition_penalty <= 0:
@@ -192,6 +204,7 @@ class Engine:
         self.model = model
         self.cfg = cfg
         self.schedule = schedule
+        self.foresight_sets = foresight_sets
         if cfg is None:
             foresight = compress = False
         g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
@@ -386,7 +399,8 @@ class Engine:
         plain decoding when there are no drafts)."""
         drafts = s.drafts[: max(0, budget - 1)]
         k = len(drafts)
-        p = self.builder.decode(s.anchor, s.position, self.cache.length, drafts, g)
+        prefixes = [k] if self.foresight_sets == "last" else None
+        p = self.builder.decode(s.anchor, s.position, self.cache.length, drafts, g, prefixes)
         rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
         logits = self._run(p, rows)
         self.stats.forward_passes += 1
@@ -394,7 +408,7 @@ class Engine:
         history = None
         if self.selector.seen is not None:
             h = self.selector.history(mx.array(p.tokens[: k + 1]))
-            parts = [h] + [mx.repeat(h[j : j + 1], g, axis=0) for j in range(k + 1)] if g else [h]
+            parts = [h] + [mx.repeat(h[j : j + 1], g, axis=0) for j in p.foresight_prefixes]
             history = mx.concatenate(parts)
         tokens = self.selector(logits, history).tolist()
         n = 0
@@ -405,8 +419,10 @@ class Engine:
         accepted = drafts[:n]
         s.anchor = int(tokens[n])
         s.position += n + 1
-        start = k + 1 + n * g
-        s.drafts = [int(t) for t in tokens[start : start + g]]
+        s.drafts = []
+        if n in p.foresight_prefixes:
+            start = k + 1 + p.foresight_prefixes.index(n) * g
+            s.drafts = [int(t) for t in tokens[start : start + g]]
         self.selector.observe(accepted + [s.anchor])
         return accepted, [s.anchor]
 

@@ -127,8 +127,8 @@ def stream_generate(
         system: the system prompt (default: the template's).
         memosight_config: overrides ``model.memosight_config``.
         kwargs: :class:`mlx_memosight.engine.Engine` options (``draft_len``,
-            ``foresight``, ``compress``, ``schedule``, ``temp``, ``top_p``,
-            ``repetition_penalty``, ``prefill_step_size``).
+            ``foresight``, ``compress``, ``schedule``, ``foresight_sets``,
+            ``temp``, ``top_p``, ``repetition_penalty``, ``prefill_step_size``).
 
     Yields:
         :class:`GenerationResponse` per committed token. Splitters show as a
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compress", action="store_true", help="do not compress finished steps")
     p.add_argument("--schedule", choices=SCHEDULES, default="fused",
                    help="fused: verify and draft in one pass; two-pass: the reference's schedule")
+    p.add_argument("--foresight-sets", choices=("all", "last"), default="all",
+                   help="fused schedule: a foresight set after every draft prefix (all) or only after "
+                        "the whole block (last: fewer tokens per pass, for compute-bound backends)")
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
@@ -276,7 +279,7 @@ def main(argv=None):
         for r in stream_generate(
             model, tokenizer, prompt, args.max_tokens, system=args.system, raw_prompt=args.raw_prompt,
             draft_len=args.draft_len, foresight=not args.no_foresight, compress=not args.no_compress,
-            schedule=args.schedule, temp=args.temp, top_p=args.top_p,
+            schedule=args.schedule, foresight_sets=args.foresight_sets, temp=args.temp, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, prefill_step_size=args.prefill_step_size,
         ):
             if not args.quiet:

@@ -305,8 +305,9 @@ class Pass:
     """One forward pass of the decoder over a block appended to the cache.
 
     ``exact_rows`` are the rows whose logits give true next tokens (the anchor
-    or the verified tokens); ``foresight_rows[j]`` are the rows of the j-th
-    foresight set (drafts for the positions after the j-th prefix). ``evict``
+    or the verified tokens); ``foresight_rows[i]`` are the rows of the i-th
+    foresight set, which follows the draft prefix of length
+    ``foresight_prefixes[i]`` (drafts for the positions after it). ``evict``
     is the cache span ``[start, end)`` to remove after a compress pass.
     """
 
@@ -317,6 +318,7 @@ class Pass:
     rule: AttentionRule
     exact_rows: np.ndarray
     foresight_rows: List[np.ndarray] = field(default_factory=list)
+    foresight_prefixes: List[int] = field(default_factory=list)
     keep: int = 0
     evict: Optional[tuple] = None
 
@@ -377,17 +379,22 @@ class PassBuilder:
         return rows, slots_limits, positions, until
 
     def decode(self, anchor: int, position: int, cache_len: int, drafts: Sequence[int] = (),
-               draft_len: int = 0) -> Pass:
+               draft_len: int = 0, prefixes: Optional[Sequence[int]] = None) -> Pass:
         """The fused pass: ``[a, d_1..d_k, F_0, .., F_k]``.
 
         The anchor ``a`` at ``position`` is the next committed token, the
         ``d_i`` are guesses for the positions after it, and ``F_j`` is a set of
         ``draft_len`` foresight tokens placed after the prefix
-        ``a, d_1..d_j``. With no drafts this is the reference's accelerate
-        pass ``[a, R x g]``; with ``draft_len = 0`` as well, plain decoding.
+        ``a, d_1..d_j``. ``prefixes`` limits the sets to those prefix lengths
+        (default: every ``j`` in ``0..k``). With no drafts this is the
+        reference's accelerate pass ``[a, R x g]``; with ``draft_len = 0`` as
+        well, plain decoding.
         """
         k = len(drafts)
         g = draft_len
+        prefixes = list(range(k + 1)) if prefixes is None else sorted(set(prefixes))
+        if any(not 0 <= j <= k for j in prefixes):
+            raise ValueError(f"foresight prefixes {prefixes} outside 0..{k}")
         tokens = [anchor] + list(drafts)
         positions = [position + i for i in range(k + 1)]
         roles = [Role.CONTENT] * (k + 1)
@@ -395,7 +402,7 @@ class PassBuilder:
         until = [NEVER] * (k + 1)
         sets = []
         if g:
-            for j in range(k + 1):
+            for j in prefixes:
                 rows, sl, ps, un = self._foresight_set(len(tokens), position + j, j + 1, g)
                 tokens += [self.ids.foresight] * g
                 positions += ps
@@ -412,6 +419,7 @@ class PassBuilder:
             rule=self._rule(cache_len, slots_limits, until),
             exact_rows=np.arange(k + 1),
             foresight_rows=sets,
+            foresight_prefixes=prefixes if g else [],
             keep=k + 1,
         )
 

@@ -57,8 +57,10 @@ def test_foresight_never_changes_the_output(loaded):
         for g in (1, 2, 3, 4):
             fused, fs, _ = run(model, cfg, prompt, draft_len=g)
             two, ts, _ = run(model, cfg, prompt, draft_len=g, schedule="two-pass")
+            last, _, _ = run(model, cfg, prompt, draft_len=g, foresight_sets="last")
             assert fused == base, g
             assert two == base, g
+            assert last == base, g
             assert fs.drafted_tokens > 0
             # a fused pass commits 1 + accepted tokens, a two-pass iteration
             # 2 + accepted in two passes: never more passes, fewer once drafts land

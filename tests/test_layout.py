@@ -150,6 +150,23 @@ def test_hand_worked_fused_pass():
     assert [r.tolist() for r in p.foresight_rows] == [[3, 4], [5, 6], [7, 8]]
 
 
+def test_fused_pass_with_the_last_foresight_set_only():
+    p = PassBuilder(make_cfg()).decode(40, 7, cache_len=8, drafts=[41, 42], draft_len=2, prefixes=[2])
+    assert p.tokens.tolist() == [40, 41, 42, R, R]
+    assert p.positions.tolist() == [7, 8, 9, 10, 11]
+    np.testing.assert_array_equal(
+        p.rule.mask(),
+        rows(
+            "111111111....",
+            "1111111111...",
+            "11111111111..",
+            "111111111111.",
+            "11111111111.1",
+        ),
+    )
+    assert p.foresight_prefixes == [2] and [r.tolist() for r in p.foresight_rows] == [[3, 4]]
+
+
 def test_accelerate_and_verify_passes():
     b = PassBuilder(make_cfg())
     a = b.decode(40, 7, cache_len=3, draft_len=2)
