@@ -45,9 +45,10 @@ TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state
                  "training_args.bin")
 
 
-def bpe_tokenizer(vocab_size: int = 400):
+def bpe_tokenizer(vocab_size: int = 400, corpus=None):
     """A small byte-level BPE tokenizer with ChatML tokens, trained on
-    :data:`EXAMPLES` (for checkpoints that need no downloaded tokenizer)."""
+    ``corpus`` (default: :data:`EXAMPLES` and the MemoSight descriptions), for
+    checkpoints and tests that need no downloaded tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,12 +62,13 @@ def bpe_tokenizer(vocab_size: int = 400):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [q + "\n\n" + "\n\n".join(s) for q, s in EXAMPLES]
-    corpus += ["continue to output according to previous content",
-               "recover the token according to previous content",
-               "begin of thought end of thought begin of solution end of solution",
-               "predict the future token compress output 0 1 2 3 4 5 6 7 8 9"]
-    tok.train_from_iterator(corpus * 4, trainer)
+    if corpus is None:
+        corpus = [q + "\n\n" + "\n\n".join(s) for q, s in EXAMPLES]
+        corpus += ["continue to output according to previous content",
+                   "recover the token according to previous content",
+                   "begin of thought end of thought begin of solution end of solution",
+                   "predict the future token compress output 0 1 2 3 4 5 6 7 8 9"]
+    tok.train_from_iterator(list(corpus) * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
