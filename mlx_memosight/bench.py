@@ -111,7 +111,7 @@ def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
                curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events)
 
 
-def configurations(cfg, draft_len, foresight_sets="all"):
+def configurations(cfg, draft_len, foresight_sets="auto"):
     if cfg is None:
         return {"plain": dict(foresight=False, compress=False)}
     return {
@@ -123,17 +123,21 @@ def configurations(cfg, draft_len, foresight_sets="all"):
 
 
 def format_table(rows: List[dict], baseline: str) -> str:
+    """The printed table: one line per configuration; ``tok/s`` and the mean
+    peak KV entries also as ratios to the ``baseline`` row."""
     base = next((r for r in rows if r["config"] == baseline), None)
-    head = f"{'config':<16}{'tokens':>8}{'tok/s':>10}{'vs ' + baseline:>12}{'pass/tok':>10}" \
-           f"{'peak KV':>9}{'accepted':>10}{'compress':>10}{'accuracy':>10}"
-    lines = [head, "-" * len(head)]
+    head = f"{'config':<22}{'tokens':>8}{'tok/s':>9}{'vs base':>9}{'pass/tok':>10}" \
+           f"{'peak KV':>9}{'KV vs base':>12}{'accepted':>10}{'compress':>10}{'accuracy':>10}"
+    lines = [f"base: {baseline}", head, "-" * len(head)]
     for r in rows:
         ratio = r["tokens_per_second"] / base["tokens_per_second"] if base and base["tokens_per_second"] else 0
+        kv = r["mean_peak_kv_tokens"] / base["mean_peak_kv_tokens"] if base and base["mean_peak_kv_tokens"] else 0
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
         accepted = "-" if not r["drafted_tokens"] else f"{r['accepted_draft_tokens'] / r['drafted_tokens']:.0%}"
         lines.append(
-            f"{r['config']:<16}{r['generated_tokens']:>8}{r['tokens_per_second']:>10.1f}{ratio:>11.2f}x"
-            f"{r['passes_per_token']:>10.3f}{r['peak_kv_tokens']:>9}{accepted:>10}{r['compress_events']:>10}{acc:>10}"
+            f"{r['config']:<22}{r['generated_tokens']:>8}{r['tokens_per_second']:>9.1f}{ratio:>8.2f}x"
+            f"{r['passes_per_token']:>10.3f}{r['mean_peak_kv_tokens']:>9.1f}{kv:>11.2f}x{accepted:>10}"
+            f"{r['compress_events']:>10}{acc:>10}"
         )
     return "\n".join(lines)
 
@@ -176,7 +180,7 @@ def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
 
 def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=None,
           repeats=1, system=None, raw_prompt=False, progress=True,
-          foresight_sets="all") -> Dict[str, Row]:
+          foresight_sets="auto") -> Dict[str, Row]:
     """Run every configuration on every prompt, interleaved; returns the rows.
 
     Args:
@@ -259,7 +263,7 @@ def build_parser():
     p.add_argument("--raw-prompt", action="store_true", help="prompts are the full text, no template")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--draft-len", type=int)
-    p.add_argument("--foresight-sets", choices=("all", "last"), default="all",
+    p.add_argument("--foresight-sets", choices=("auto", "all", "last"), default="auto",
                    help="foresight sets of the memosight row (see generate --help)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (fastest kept)")
     p.add_argument("--out", help="folder for summary.json and the PNG plots")

@@ -19,7 +19,17 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SPLITTER, MemoSightConfig
-from .layout import IGNORE_INDEX, Role, Sample, build_training_sample, collate, draw_offsets, encode_steps
+from .layout import (
+    IGNORE_INDEX,
+    NEVER,
+    AttentionRule,
+    Role,
+    Sample,
+    build_training_sample,
+    collate,
+    draw_offsets,
+    encode_steps,
+)
 
 STEP_BOUNDARY = re.compile(r"\n\s*\n")
 SPLITS = ("train", "valid", "test")
@@ -185,11 +195,46 @@ def bucket_length(n: int) -> int:
     return g * math.ceil(n / g)
 
 
+def plain_sample(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos: Optional[int],
+                 max_length: Optional[int] = None) -> Sample:
+    """An ordinary supervised fine-tuning sample: ``prompt, answer, EOS``
+    with causal attention and next-token targets on the answer and EOS only
+    (no memory or foresight tokens). The baseline MemoSight is compared with.
+    """
+    ids = list(prompt_ids) + list(answer_ids) + ([eos] if eos is not None else [])
+    P = len(prompt_ids)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+    T = len(ids)
+    roles = np.full(T, Role.CONTENT, np.int8)
+    roles[: min(P, T)] = Role.PROMPT
+    if eos is not None and not truncated:
+        roles[-1] = Role.EOS
+    lm = np.full(T, IGNORE_INDEX, np.int32)
+    if T > P:
+        lm[max(P - 1, 0) : T - 1] = ids[max(P, 1) :]
+    slots = np.arange(T, dtype=np.int32)
+    return Sample(
+        input_ids=np.array(ids, np.int32),
+        positions=slots.copy(),
+        roles=roles,
+        lm_targets=lm,
+        mtp_targets=np.full(T, IGNORE_INDEX, np.int32),
+        rule=AttentionRule(slots, slots + 1, np.full(T, NEVER, np.int32)),
+        offset=0,
+        truncated=bool(truncated),
+    )
+
+
 class MemoSightDataset:
     """The training samples of one split, laid out once.
 
     Every example gets one foresight offset drawn from ``seed`` when the data
-    set is built (SPEC section 2), fixed across epochs.
+    set is built (SPEC section 2), fixed across epochs. With ``plain=True``
+    the samples are ordinary SFT samples instead (:func:`plain_sample`: the
+    steps joined by blank lines, no MemoSight tokens), so that a baseline can
+    be trained by the same trainer on the same data.
 
     Attributes:
         samples: the :class:`layout.Sample` objects.
@@ -214,6 +259,7 @@ class MemoSightDataset:
         max_seq_length: Optional[int] = None,
         seed: int = 0,
         name: str = "data",
+        plain: bool = False,
     ) -> "MemoSightDataset":
         """Tokenise and lay out examples.
 
@@ -225,6 +271,8 @@ class MemoSightDataset:
                 ``max_offset``, token ids).
             max_seq_length: truncate to this many non-foresight tokens.
             seed: seeds the foresight offsets.
+            plain: lay out ordinary SFT samples (only ``cfg.template`` and
+                ``cfg.token_ids.eos`` are used).
         """
         offsets = draw_offsets(len(examples), cfg.max_offset, seed)
         samples, truncated, dropped = [], 0, 0
@@ -232,6 +280,16 @@ class MemoSightDataset:
             prompt = tokenizer.encode(
                 cfg.template.render(ex.question, ex.system), add_special_tokens=False
             )
+            if plain:
+                answer = tokenizer.encode("\n\n".join(ex.thoughts), add_special_tokens=False)
+                s = plain_sample(prompt, answer, cfg.token_ids.eos if ex.add_eos else None,
+                                 max_seq_length)
+                truncated += s.truncated
+                if num_targets(s) == (0, 0):
+                    dropped += 1
+                    continue
+                samples.append(s)
+                continue
             steps, thought_lens = encode_steps(tokenizer, ex.thoughts, SPLITTER)
             s = build_training_sample(
                 prompt, steps, cfg.token_ids, cfg.compression_ratio, int(offset),

@@ -1,10 +1,44 @@
-"""The packaged demo model."""
+"""The packaged demo model and the synthetic task it was trained on.
 
+The task: word problems about a count that changes by the same amount every
+day. The solution has one step per day (so 11 to 15 steps separated by blank
+lines), each restating the count and working out the next one, and ends with
+the answer in ``\\boxed{}``; a finished step can then be compressed into a
+couple of memory tokens, and the templated wording is easy to draft. The
+question is short and the reasoning long, which is where MemoSight's KV
+savings show. Counts and days have two digits, so every step has the same
+layout. Problems are drawn from a seeded generator; the split of a problem
+(train, valid or held-out) is a hash of its question, so the splits never
+overlap whatever their sizes.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
 
 from .config import ConfigError
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
+KIND = "gsm8k"  # scored as a number, like GSM8K
+SPLITS = ("train", "valid", "heldout")
+MIN_DAYS, MAX_DAYS = 10, 14
+MIN_COUNT, MAX_COUNT = 10, 99
+
+NAMES = [
+    ("Mia", "she"), ("Sam", "he"), ("Ava", "she"), ("Leo", "he"), ("Zoe", "she"),
+    ("Max", "he"), ("Lily", "she"), ("Ben", "he"), ("Emma", "she"), ("Noah", "he"),
+    ("Ella", "she"), ("Jack", "he"), ("Ruby", "she"), ("Owen", "he"), ("Nora", "she"),
+    ("Eli", "he"), ("Ivy", "she"), ("Tom", "he"), ("Lucy", "she"), ("Finn", "he"),
+]
+ITEMS = ["apples", "coins", "stamps", "marbles", "cards", "pens", "shells", "books",
+         "stickers", "beads", "buttons", "rocks"]
+# (gain verb, loss verb): a problem uses one of them every day
+VERBS = [("buys", "sells"), ("finds", "loses"), ("gets", "gives"), ("wins", "loses"),
+         ("collects", "uses"), ("makes", "uses")]
 
 
 def demo_model_path() -> Path:
@@ -15,3 +49,120 @@ def demo_model_path() -> Path:
             "pass --model PATH"
         )
     return DEMO_DIR
+
+
+@dataclass
+class Problem:
+    """One task problem: the question, its solution steps and the answer."""
+
+    question: str
+    thoughts: List[str]
+    answer: int
+    counts: List[int]  # the count at the start and after every day
+
+    def eval_item(self) -> dict:
+        """The problem as an eval item (``bench --data`` / ``evaluate --data``)."""
+        return {"question": self.question, "answer": str(self.answer), "kind": KIND}
+
+    def training_record(self, question: Optional[str] = None) -> dict:
+        """The problem as a training record (reference format)."""
+        return {"question": question or self.question, "thoughts_list": list(self.thoughts)}
+
+    @property
+    def solution(self) -> str:
+        return "\n\n".join(self.thoughts)
+
+
+def make_problem(rng: np.random.Generator) -> Problem:
+    """Draw one problem (every count along the way stays in 10..99)."""
+    while True:
+        name, pron = NAMES[rng.integers(len(NAMES))]
+        items = ITEMS[rng.integers(len(ITEMS))]
+        gaining = bool(rng.integers(2))
+        verb = VERBS[rng.integers(len(VERBS))][0 if gaining else 1]
+        start = int(rng.integers(MIN_COUNT, MAX_COUNT + 1))
+        n = int(rng.integers(2, 10))
+        days = int(rng.integers(MIN_DAYS, MAX_DAYS + 1))
+        counts = [start + (n if gaining else -n) * day for day in range(days + 1)]
+        if min(counts) >= MIN_COUNT and max(counts) <= MAX_COUNT:
+            break
+    question = (
+        f"{name} has {start} {items}. Every day {pron} {verb} {n}. "
+        f"How many {items} does {pron} have after {days} days?"
+    )
+    op = "+" if gaining else "-"
+    thoughts = [
+        f"Day {day:02d}: {name} {verb} {n}, so {counts[day - 1]} {op} {n} = {counts[day]}."
+        for day in range(1, days + 1)
+    ]
+    thoughts.append(f"After {days} days {name} has \\boxed{{{counts[-1]}}} {items}.")
+    return Problem(question, thoughts, counts[-1], counts)
+
+
+def split_of(question: str) -> str:
+    """The split a question belongs to: 10% held-out, 5% valid, the rest train."""
+    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 100
+    return "heldout" if bucket < 10 else ("valid" if bucket < 15 else "train")
+
+
+def problems(split: str, n: int, seed: int = 0) -> List[Problem]:
+    """``n`` distinct problems of one split, the same for the same ``seed``.
+
+    Args:
+        split: ``train``, ``valid`` or ``heldout``.
+        n: how many.
+        seed: seeds the generator (each split draws from its own stream).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    out, seen = [], set()
+    while len(out) < n:
+        p = make_problem(rng)
+        if p.question in seen or split_of(p.question) != split:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
+
+
+def heldout_items(n: int = 200, seed: int = 0) -> List[dict]:
+    """The held-out eval items (``question``, ``answer``, ``kind``)."""
+    return [p.eval_item() for p in problems("heldout", n, seed)]
+
+
+def write_jsonl(path, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def iter_text(split_problems) -> Iterator[str]:
+    """Question and solution texts (a tokenizer's training corpus)."""
+    for p in split_problems:
+        yield p.question
+        yield p.solution
+
+
+def main(argv=None):
+    """``python -m mlx_memosight.demo FILE``: write the held-out problems as an
+    eval file (what ``bench --data`` and ``evaluate --data`` read)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="mlx_memosight.demo", description=main.__doc__.split(":")[0])
+    p.add_argument("file", help="the JSON-lines file to write")
+    p.add_argument("--split", choices=SPLITS, default="heldout")
+    p.add_argument("-n", type=int, default=200, help="number of problems")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"-n must be at least 1, got {args.n}")
+    path = write_jsonl(args.file, [q.eval_item() for q in problems(args.split, args.n, args.seed)])
+    print(f"wrote {args.n} {args.split} problems to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ from .layout import Pass, PassBuilder, StepState
 from .model import TokenPositions, forward
 
 SCHEDULES = ("fused", "two-pass")
-FORESIGHT_SETS = ("all", "last")
+FORESIGHT_SETS = ("auto", "all", "last")
 MAX_DRAFT_LEN = 16
 
 
@@ -173,7 +173,8 @@ class Engine:
             tokens in a pass cost little, as on GPUs) or only after the whole
             block (``"last"``: fewer tokens per pass; after a rejection the
             next pass drafts afresh; best where every token in a pass costs
-            compute, as on CPUs).
+            compute, as on CPUs); ``"auto"`` picks ``"last"`` when MLX runs
+            on the CPU and ``"all"`` otherwise.
         temp, top_p: sampling (greedy when ``temp == 0``).
         repetition_penalty: 1.0 disables it; 1.1 reproduces the reference
             evaluation.
@@ -185,7 +186,7 @@ class Engine:
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
-                 foresight_sets: str = "all",
+                 foresight_sets: str = "auto",
                  temp: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  exempt_ids: Sequence[int] = (), stop_ids: Sequence[int] = (),
                  prefill_step_size: int = 512, max_position: Optional[int] = None):
@@ -204,6 +205,8 @@ class Engine:
         self.model = model
         self.cfg = cfg
         self.schedule = schedule
+        if foresight_sets == "auto":
+            foresight_sets = "last" if mx.default_device() == mx.cpu else "all"
         self.foresight_sets = foresight_sets
         if cfg is None:
             foresight = compress = False

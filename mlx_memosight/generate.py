@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compress", action="store_true", help="do not compress finished steps")
     p.add_argument("--schedule", choices=SCHEDULES, default="fused",
                    help="fused: verify and draft in one pass; two-pass: the reference's schedule")
-    p.add_argument("--foresight-sets", choices=("all", "last"), default="all",
+    p.add_argument("--foresight-sets", choices=("auto", "all", "last"), default="auto",
                    help="fused schedule: a foresight set after every draft prefix (all) or only after "
-                        "the whole block (last: fewer tokens per pass, for compute-bound backends)")
+                        "the whole block (last: fewer tokens per pass, for compute-bound backends); "
+                        "auto: last on the CPU, all on a GPU (default)")
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)

@@ -90,7 +90,7 @@ def load_items(path, limit: Optional[int] = None) -> List[dict]:
     ``subject`` and ``index``.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     kind = _kind_from_name(path)
     text = path.read_text()
@@ -99,7 +99,9 @@ def load_items(path, limit: Optional[int] = None) -> List[dict]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and "question" in data:  # JSON lines with one item
+        items = [data]
+    elif isinstance(data, dict):
         for subject, rows in data.items():
             if not isinstance(rows, list):
                 raise ConfigError(f"{path}: subject {subject!r} is not a list of items")

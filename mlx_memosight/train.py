@@ -741,11 +741,12 @@ def _commit(staging: Path, path: Path):
     os.replace(staging, path)
 
 
-def save_model(path, model, tokenizer, hf_config: dict, cfg: MemoSightConfig, force: bool = False,
-               src_path=None) -> Path:
+def save_model(path, model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig],
+               force: bool = False, src_path=None) -> Path:
     """Write a standalone MemoSight model folder (weights, ``config.json``,
     tokenizer, ``memosight.json``) that ``mlx_memosight.load`` and
-    ``mlx_lm.load`` read. Written to a staging folder first: nothing is left
+    ``mlx_lm.load`` read; with ``cfg=None`` a plain model folder (no
+    ``memosight.json``). Written to a staging folder first: nothing is left
     half-written."""
     from mlx_lm.utils import save_config
     from mlx_lm.utils import save_model as mlx_save_model
@@ -757,14 +758,19 @@ def save_model(path, model, tokenizer, hf_config: dict, cfg: MemoSightConfig, fo
         config = dict(hf_config)
         config["vocab_size"] = int(embedding_rows(model))
         for key in ("lm_loss_weight", "mtp_loss_weight", "max_offset"):
-            config[key] = getattr(cfg, key)
-        eos = config.get("eos_token_id")
-        eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
-        if cfg.token_ids.eos not in eos:
-            config["eos_token_id"] = eos + [cfg.token_ids.eos]
+            if cfg is None:
+                config.pop(key, None)
+            else:
+                config[key] = getattr(cfg, key)
+        if cfg is not None:
+            eos = config.get("eos_token_id")
+            eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+            if cfg.token_ids.eos not in eos:
+                config["eos_token_id"] = eos + [cfg.token_ids.eos]
         save_config(config, config_path=staging / "config.json")
         _raw_tokenizer(tokenizer).save_pretrained(str(staging))
-        cfg.save(staging)
+        if cfg is not None:
+            cfg.save(staging)
         if src_path is not None and (Path(src_path) / "generation_config.json").exists():
             shutil.copy(Path(src_path) / "generation_config.json", staging)
         _commit(staging, path)

@@ -21,7 +21,10 @@ def test_bench_rows_and_outputs(reasoner, tmp_path):
     assert by["memosight"]["passes_per_token"] <= by["two-pass"]["passes_per_token"]
     assert by["memosight"]["accuracy"] in (0.0, 1.0)
     table = format_table(summaries, "mlx_lm")
-    assert "memosight" in table and "pass/tok" in table
+    assert "memosight" in table and "pass/tok" in table and "KV vs base" in table
+    mine = next(line for line in table.splitlines() if line.startswith("memosight"))
+    kv = by["memosight"]["mean_peak_kv_tokens"] / by["mlx_lm"]["mean_peak_kv_tokens"]
+    assert f"{kv:.2f}x" in mine
 
 
 def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path):

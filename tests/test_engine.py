@@ -55,7 +55,7 @@ def test_foresight_never_changes_the_output(loaded):
         base, base_stats, _ = run(model, cfg, prompt, foresight=False)
         assert base_stats.drafted_tokens == 0
         for g in (1, 2, 3, 4):
-            fused, fs, _ = run(model, cfg, prompt, draft_len=g)
+            fused, fs, _ = run(model, cfg, prompt, draft_len=g, foresight_sets="all")
             two, ts, _ = run(model, cfg, prompt, draft_len=g, schedule="two-pass")
             last, _, _ = run(model, cfg, prompt, draft_len=g, foresight_sets="last")
             assert fused == base, g
@@ -69,6 +69,13 @@ def test_foresight_never_changes_the_output(loaded):
             two_pass_passes += ts.forward_passes
             accepted += fs.accepted_draft_tokens
     assert accepted > 0 and fused_passes < two_pass_passes
+
+
+def test_foresight_sets_auto_follows_the_device(loaded):
+    _, _, model, _, cfg = loaded
+    engine = Engine(model, cfg)
+    assert engine.foresight_sets == ("last" if mx.default_device() == mx.cpu else "all")
+    assert Engine(model, cfg, foresight_sets="all").foresight_sets == "all"
 
 
 def test_no_compression_equals_plain_causal_decoding(loaded):

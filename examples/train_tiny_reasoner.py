@@ -1,0 +1,285 @@
+"""Train the packaged demo model, and its plain baseline, from scratch.
+
+    python examples/train_tiny_reasoner.py --out tiny-reasoner
+
+Steps (each timed; the total is printed at the end):
+
+1. data: the synthetic task of :mod:`mlx_memosight.demo` (train and valid
+   splits as reference-format JSON lines under ``OUT/data``, the held-out
+   problems as an eval file ``OUT/heldout.jsonl``);
+2. tokenizer: a SentencePiece BPE model trained on the training text (digits
+   split, byte fallback), loaded as a Hugging Face ``LlamaTokenizer``, with a
+   chat template that renders the prompt both models are trained on;
+3. two Llama models, freshly initialised with the same weights, trained with
+   :func:`mlx_memosight.train.train` (full fine-tuning) on the same examples
+   with the same steps, batch size and learning-rate schedule: a MemoSight
+   model (joint LM + foresight loss, memory tokens) written to
+   ``mlx_memosight/demo_model`` (``--demo-dir``), and a plain model (ordinary
+   SFT on the same text) written to ``OUT/plain``.
+
+Then compare them on the held-out problems::
+
+    python -m mlx_memosight.bench --model mlx_memosight/demo_model \\
+        --plain-model OUT/plain --data OUT/heldout.jsonl --max-tokens 400
+"""
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from mlx_memosight import demo  # noqa: E402
+from mlx_memosight.config import TEMPLATES  # noqa: E402
+from mlx_memosight.datasets import Example, MemoSightDataset  # noqa: E402
+from mlx_memosight.scoring import PROMPT_PREFIX  # noqa: E402
+from mlx_memosight.train import TrainingOptions, prepare, save_model, train  # noqa: E402
+
+SYSTEM = TEMPLATES["plain"].system
+# The chat template renders the "plain" MemoSight template, so that a model
+# without memosight.json (the baseline) is prompted exactly like the demo model
+# (no BOS: the "plain" template has none).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}{{ '" + SYSTEM + "' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '\\n\\nQuestion: ' + m['content'] + '\\n\\nAnswer:\\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="tiny-reasoner", help="folder for data, tokenizer and the plain model")
+    p.add_argument("--demo-dir", default=str(demo.DEMO_DIR), help="where the MemoSight model goes")
+    p.add_argument("--only", choices=["memosight", "plain"], help="train one model only")
+    p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
+    p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-examples", type=int, default=3000)
+    p.add_argument("--valid-examples", type=int, default=64)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--bare-questions", type=float, default=0.2,
+                   help="share of training questions without the evaluation prefix")
+    p.add_argument("--vocab-size", type=int, default=640, help="SentencePiece vocabulary")
+    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=512)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--compression-ratio", type=int, default=12)
+    p.add_argument("--max-offset", type=int, default=3)
+    p.add_argument("--draft-len", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved weights")
+    return p
+
+
+class Clock:
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.phases = []
+
+    def done(self, what):
+        now = time.perf_counter()
+        self.phases.append((what, now - self.last))
+        print(f"[{now - self.start:7.1f} s] {what} ({now - self.last:.1f} s)", flush=True)
+        self.last = now
+
+    @property
+    def total(self):
+        return time.perf_counter() - self.start
+
+
+def write_data(out: Path, args):
+    train_p = demo.problems("train", args.train_examples, args.seed)
+    valid_p = demo.problems("valid", args.valid_examples, args.seed)
+    held = demo.problems("heldout", args.heldout, args.seed)
+    train_q, valid_q = questions(train_p, args.bare_questions), questions(valid_p, 0.0)
+    demo.write_jsonl(out / "data" / "train.jsonl", [p.training_record(q) for p, q in zip(train_p, train_q)])
+    demo.write_jsonl(out / "data" / "valid.jsonl", [p.training_record(q) for p, q in zip(valid_p, valid_q)])
+    demo.write_jsonl(out / "heldout.jsonl", [p.eval_item() for p in held])
+    template = TEMPLATES["plain"]
+    texts = []
+    for p, q in zip(train_p, train_q):
+        texts += [template.prompt.format(bos="", system=template.system, question=q), p.solution]
+    return train_p, valid_p, texts
+
+
+def questions(ps, bare_share: float):
+    """The questions as the models are trained on them: most carry the
+    evaluation's prefix (that is how bench and evaluate ask them), the first
+    ``bare_share`` do not, so that a bare question works too."""
+    n_bare = int(round(bare_share * len(ps)))
+    return [p.question if i < n_bare else PROMPT_PREFIX + p.question for i, p in enumerate(ps)]
+
+
+def train_tokenizer(texts, folder: Path, vocab_size: int):
+    """A SentencePiece BPE tokenizer (digits split, byte fallback, text kept
+    as is), loaded through transformers as a LlamaTokenizer."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        split_digits=True, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = LlamaTokenizer.from_pretrained(str(folder))
+    tok.chat_template = CHAT_TEMPLATE
+    question = "How many?"
+    expected = TEMPLATES["plain"].render(question).replace("{bos}", "")
+    rendered = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+    if rendered != expected:
+        raise AssertionError(f"chat template renders {rendered!r}, the training prompt is {expected!r}")
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def fresh_model(tokenizer, args):
+    """A randomly initialised Llama model for the tokenizer (seeded)."""
+    from mlx_lm.models import llama
+
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate_size,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    mx.random.seed(args.seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model, config
+
+
+def build(kind: str, tok_dir: Path, train_p, valid_p, args, out: Path, clock: Clock):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    model, hf_config = fresh_model(tokenizer, args)
+    # both models get the MemoSight tokens, so they have the same shape; the
+    # plain one never sees them
+    cfg, _ = prepare(model, tokenizer, hf_config, template="plain",
+                     compression_ratio=args.compression_ratio, max_offset=args.max_offset,
+                     draft_len=args.draft_len)
+    plain = kind == "plain"
+
+    def dataset(ps, split):
+        share = args.bare_questions if split == "train" else 0.0
+        examples = [Example(q, p.thoughts) for p, q in zip(ps, questions(ps, share))]
+        return MemoSightDataset.from_examples(examples, tokenizer, cfg, seed=args.seed, name=split,
+                                              plain=plain)
+
+    train_set, valid_set = dataset(train_p, "train"), dataset(valid_p, "valid")
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    real = train_set.num_real_tokens
+    print(f"{kind}: {n_params / 1e6:.2f}M parameters, {len(train_set)} examples, "
+          f"{real / len(train_set):.0f} real tokens per example "
+          f"({sum(len(s) for s in train_set.samples) / len(train_set):.0f} laid out)", flush=True)
+    options = TrainingOptions(
+        fine_tune_type="full", num_layers=-1, optimizer="adamw",
+        optimizer_config=dict(weight_decay=0.01),
+        learning_rate=args.learning_rate,
+        lr_schedule=dict(name="cosine_decay", arguments=[args.learning_rate, args.iters, args.learning_rate / 20],
+                         warmup=args.warmup),
+        batch_size=args.batch_size, iters=args.iters, val_batches=1,
+        steps_per_report=max(1, args.iters // 20), steps_per_eval=args.iters, save_every=10 ** 9,
+        max_seq_length=4096, seed=args.seed,
+    )
+    report = train(model, tokenizer, train_set, valid_set, options,
+                   adapter_path=out / f".{kind}-checkpoints")
+    shutil.rmtree(out / f".{kind}-checkpoints", ignore_errors=True)
+    clock.done(f"{kind} model trained ({args.iters} steps of {args.batch_size}; final train loss "
+               f"{report.train_losses[-1][1]:.3f}, valid loss {report.val_losses[-1][1]:.3f})")
+    dtype = getattr(mx, args.dtype)
+    model.set_dtype(dtype)
+    hf_config["torch_dtype"] = args.dtype
+    path = Path(args.demo_dir) if not plain else out / "plain"
+    save_model(path, model, tokenizer, hf_config, None if plain else cfg, force=True)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"{kind}: wrote {path} ({size / 1e6:.2f} MB)", flush=True)
+    return path
+
+
+def run_parallel(kinds, argv, out: Path, clock: Clock):
+    """Train the models in child processes side by side: MLX's CPU backend
+    runs a training step on one core, so two runs use both cores."""
+    logs, procs = {}, {}
+    (out / "logs").mkdir(exist_ok=True)
+    for kind in kinds:
+        logs[kind] = open(out / "logs" / f"{kind}.log", "w")
+        procs[kind] = subprocess.Popen(
+            [sys.executable, __file__, *argv, "--only", kind, "--model-only"],
+            stdout=logs[kind], stderr=subprocess.STDOUT,
+        )
+    print(f"training {' and '.join(kinds)} side by side; logs in {out / 'logs'}", flush=True)
+    failed = []
+    for kind, proc in procs.items():
+        if proc.wait():
+            failed.append(kind)
+        logs[kind].close()
+        for line in (out / "logs" / f"{kind}.log").read_text().splitlines():
+            if line.startswith((kind + ":", "[")):
+                print(line)
+    if failed:
+        sys.exit(f"training failed: {', '.join(failed)} (see {out / 'logs'})")
+    clock.done(f"{' and '.join(kinds)} models trained")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    if args.model_only:
+        train_p = demo.problems("train", args.train_examples, args.seed)
+        valid_p = demo.problems("valid", args.valid_examples, args.seed)
+        build(args.only, out / "tokenizer", train_p, valid_p, args, out, clock)
+        return
+    train_p, valid_p, texts = write_data(out, args)
+    clock.done(f"data: {len(train_p)} train, {len(valid_p)} valid, {args.heldout} held-out problems")
+    tok_dir = train_tokenizer(texts, out / "tokenizer", args.vocab_size)
+    clock.done(f"tokenizer: {tok_dir}")
+    kinds = [k for k in ("memosight", "plain") if args.only in (None, k)]
+    if args.jobs > 1 and len(kinds) > 1:
+        run_parallel(kinds, argv, out, clock)
+    else:
+        for kind in kinds:
+            build(kind, tok_dir, train_p, valid_p, args, out, clock)
+    (out / "train_settings.json").write_text(json.dumps(vars(args), indent=2))
+    print(f"total: {clock.total / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()

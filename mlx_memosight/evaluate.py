@@ -1,0 +1,255 @@
+"""Evaluate a model on an eval set: ``python -m mlx_memosight.evaluate``.
+
+    mlx_memosight.evaluate --model PATH --data FILE [--limit N] [--out FILE]
+        [--max-tokens N] [--repetition-penalty X] [--no-foresight] [--no-compress]
+        [--draft-len G]
+
+Each item is asked with the reference evaluation's prompt and scored by its
+rules (:mod:`mlx_memosight.scoring`). Per-item results go to ``--out`` as JSON
+lines, one line per item as soon as it is done, so an interrupted run leaves
+a valid file and rerunning with the same ``--out`` continues where it
+stopped. A summary follows: accuracy, output tokens, peak KV entries,
+compress events, draft acceptance and wall time.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .config import ConfigError
+from .engine import GenerationError
+from .scoring import eval_prompt, extract_boxed, gold_answer, load_items, score
+
+DEFAULT_MAX_TOKENS = 1024
+# Settings that change the generated text; a results file holds one setting.
+SETTINGS = ("max_tokens", "repetition_penalty", "foresight", "compress", "draft_len", "system")
+
+
+class EvaluateError(ValueError):
+    """A problem with the evaluation's files or flags, phrased for the user."""
+
+
+def item_id(item: dict) -> str:
+    """A stable id of an item within its eval file."""
+    subject = item.get("subject") or ""
+    return f"{subject}/{item['index']}" if subject else str(item["index"])
+
+
+def read_results(path: Path) -> List[dict]:
+    """The records already in a results file.
+
+    A last line cut short (a run killed while writing it) is dropped from
+    the file with a notice; any other bad line is an error naming it.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records, good_bytes = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise ValueError("not a result record")
+        except ValueError as e:
+            if n == len(lines):  # no newline after it: an unfinished write
+                print(f"notice: {path}:{n}: dropping an incomplete last line", file=sys.stderr)
+                with open(path, "r+b") as f:
+                    f.truncate(good_bytes)
+                break
+            raise EvaluateError(f"{path}:{n}: not a result line ({e}); use another --out")
+        records.append(rec)
+        good_bytes += len(line) + 1
+    return records
+
+
+def check_resumable(records: List[dict], items: Dict[str, dict], settings: dict, path: Path):
+    """Refuse to continue a results file made from other items or settings."""
+    for rec in records:
+        item = items.get(rec["id"])
+        if item is not None and rec.get("question") != item["question"]:
+            raise EvaluateError(
+                f"{path}: holds results of another eval file (item {rec['id']} has another "
+                f"question); use another --out"
+            )
+        old = rec.get("settings", {})
+        diff = [k for k in SETTINGS if k in old and old[k] != settings[k]]
+        if diff:
+            raise EvaluateError(
+                f"{path}: was written with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
+                f"use another --out"
+            )
+
+
+def evaluate_item(model, tokenizer, item: dict, settings: dict) -> dict:
+    """Generate an answer to one item and score it."""
+    from .generate import generate
+
+    tic = time.perf_counter()
+    result = generate(
+        model, tokenizer, eval_prompt(item), settings["max_tokens"], system=settings["system"],
+        draft_len=settings["draft_len"], foresight=settings["foresight"], compress=settings["compress"],
+        repetition_penalty=settings["repetition_penalty"],
+    )
+    wall = time.perf_counter() - tic
+    st = result.stats
+    return dict(
+        id=item_id(item),
+        subject=item.get("subject", ""),
+        question=item["question"],
+        answer=gold_answer(item),
+        prediction=extract_boxed(result.text),
+        correct=bool(score(result.text, item)),
+        output_tokens=st.generated_tokens,
+        peak_kv_tokens=st.peak_kv_tokens,
+        plain_kv_tokens=st.plain_kv_tokens,
+        compress_events=st.compress_events,
+        forward_passes=st.forward_passes,
+        drafted_tokens=st.drafted_tokens,
+        accepted_draft_tokens=st.accepted_draft_tokens,
+        finish_reason=st.finish_reason,
+        wall_time=round(wall, 4),
+        generation_tps=round(st.generation_tps, 2),
+        output=result.text,
+        settings=settings,
+    )
+
+
+def summarize(records: List[dict]) -> dict:
+    """Totals and means over result records."""
+    n = len(records)
+    if not n:
+        return dict(items=0)
+    drafted = sum(r["drafted_tokens"] for r in records)
+    tokens = sum(r["output_tokens"] for r in records)
+    wall = sum(r["wall_time"] for r in records)
+    return dict(
+        items=n,
+        accuracy=sum(r["correct"] for r in records) / n,
+        output_tokens=tokens,
+        mean_output_tokens=tokens / n,
+        mean_peak_kv_tokens=statistics.mean(r["peak_kv_tokens"] for r in records),
+        max_peak_kv_tokens=max(r["peak_kv_tokens"] for r in records),
+        peak_kv_vs_plain=statistics.mean(r["peak_kv_tokens"] / max(1, r["plain_kv_tokens"]) for r in records),
+        compress_events=sum(r["compress_events"] for r in records),
+        drafted_tokens=drafted,
+        accepted_draft_tokens=sum(r["accepted_draft_tokens"] for r in records),
+        acceptance=(sum(r["accepted_draft_tokens"] for r in records) / drafted) if drafted else None,
+        wall_time=wall,
+        tokens_per_second=tokens / wall if wall else 0.0,
+    )
+
+
+def format_summary(s: dict) -> str:
+    if not s["items"]:
+        return "no items evaluated"
+    acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.0%} of {s['drafted_tokens']} drafted"
+    return "\n".join([
+        f"Accuracy: {s['accuracy']:.1%} ({round(s['accuracy'] * s['items'])}/{s['items']})",
+        f"Output tokens: {s['output_tokens']} ({s['mean_output_tokens']:.1f} per item)",
+        f"Peak KV entries: {s['mean_peak_kv_tokens']:.1f} per item (largest {s['max_peak_kv_tokens']}), "
+        f"{s['peak_kv_vs_plain']:.0%} of plain decoding's",
+        f"Compress events: {s['compress_events']} ({s['compress_events'] / s['items']:.1f} per item)",
+        f"Drafts accepted: {acc}",
+        f"Wall time: {s['wall_time']:.1f} s ({s['tokens_per_second']:.1f} output tokens/s)",
+    ])
+
+
+def run(args) -> dict:
+    """Evaluate as the command line asks; returns the summary."""
+    from .generate import load, resolve_model
+
+    if args.limit is not None and args.limit < 1:
+        raise EvaluateError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_tokens < 1:
+        raise EvaluateError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    items = load_items(args.data, limit=args.limit)
+    by_id = {item_id(it): it for it in items}
+    settings = dict(
+        max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty,
+        foresight=not args.no_foresight, compress=not args.no_compress, draft_len=args.draft_len,
+        system=args.system,
+    )
+    out = Path(args.out) if args.out else None
+    done: Dict[str, dict] = {}
+    if out is not None:
+        records = read_results(out)
+        check_resumable(records, by_id, settings, out)
+        done = {r["id"]: r for r in records if r["id"] in by_id}
+    todo = [it for it in items if item_id(it) not in done]
+    if done:
+        print(f"{out}: {len(done)} of {len(items)} items already evaluated; continuing", file=sys.stderr)
+
+    model_path = resolve_model(args.model)
+    model, tokenizer = load(model_path)
+    if model.memosight_config is None:
+        print(f"notice: {model_path} has no MemoSight configuration; running plain decoding",
+              file=sys.stderr)
+    results = list(done.values())
+    if todo:
+        from tqdm import tqdm
+
+        f = open(out, "a", encoding="utf-8") if out is not None else None
+        bar = tqdm(todo, desc="evaluate", unit="item", file=sys.stderr)
+        try:
+            for item in bar:
+                rec = evaluate_item(model, tokenizer, item, settings)
+                results.append(rec)
+                if f is not None:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                bar.set_postfix(accuracy=f"{sum(r['correct'] for r in results) / len(results):.1%}")
+        finally:
+            bar.close()
+            if f is not None:
+                f.close()
+    order = {item_id(it): i for i, it in enumerate(items)}
+    results.sort(key=lambda r: order[r["id"]])
+    return summarize(results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlx_memosight.evaluate",
+        description="Evaluate a model on an eval set with the reference's prompt and scoring.",
+    )
+    p.add_argument("--model", help="model folder or .gguf file (default: the packaged demo model)")
+    p.add_argument("--data", required=True,
+                   help="eval file: the reference's JSON format (subject -> items) or JSON lines")
+    p.add_argument("--limit", type=int, help="evaluate the first N items")
+    p.add_argument("--out", help="per-item results (JSON lines); rerunning with it continues")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="1.1 reproduces the reference evaluation")
+    p.add_argument("--no-foresight", action="store_true", help="do not draft")
+    p.add_argument("--no-compress", action="store_true", help="do not compress finished steps")
+    p.add_argument("--draft-len", type=int, help="foresight tokens per draft (default: memosight.json)")
+    p.add_argument("--system", help="system prompt (default: the model's template's)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except KeyboardInterrupt:
+        where = f"; rerun with --out {args.out} to continue" if args.out else ""
+        print(f"\ninterrupted{where}", file=sys.stderr)
+        sys.exit(130)
+    except (EvaluateError, ConfigError, GenerationError, FileNotFoundError) as e:
+        print(f"mlx_memosight.evaluate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The demo model shipped inside the package."""
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+
+import mlx.core as mx
+import numpy as np
+
+from conftest import ROOT
+from mlx_memosight import demo, load
+from mlx_memosight.config import MemoSightConfig
+from mlx_memosight.scoring import eval_prompt, score
+
+
+def test_shipped_files_and_size():
+    path = demo.demo_model_path()
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "memosight.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 10 * 1024 * 1024
+    cfg = MemoSightConfig.load(path)
+    assert cfg.template.name == "plain" and cfg.compression_ratio >= 8
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    # installed with the package
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "demo_model/*" in pyproject["tool"]["setuptools"]["package-data"]["mlx_memosight"]
+    assert pyproject["project"]["scripts"]["mlx_memosight.evaluate"] == "mlx_memosight.evaluate:main"
+
+
+def test_loads_with_mlx_memosight_and_mlx_lm():
+    from mlx_lm import load as mlx_lm_load
+
+    path = demo.demo_model_path()
+    model, tokenizer = load(path)
+    cfg = model.memosight_config
+    assert cfg is not None and cfg.token_ids.eos == tokenizer.eos_token_id
+    lm_model, lm_tok = mlx_lm_load(str(path))
+    ids = tokenizer.encode(cfg.template.render("Mia has 12 apples."), add_special_tokens=False)
+    assert lm_tok.encode(cfg.template.render("Mia has 12 apples."), add_special_tokens=False) == ids
+    x = mx.array(ids)[None]
+    np.testing.assert_allclose(np.array(lm_model(x)), np.array(model(x)), atol=1e-4)
+    # digits are single tokens, so the arithmetic is digit by digit
+    assert len(tokenizer.encode("12345", add_special_tokens=False)) >= 5
+
+
+def test_generate_without_model_shows_compression_and_drafts(tmp_path):
+    problem = demo.problems("heldout", 1)[0]
+    stats = tmp_path / "stats.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_memosight.generate", "--prompt", eval_prompt(problem.eval_item()),
+         "--max-tokens", "400", "--stats-json", str(stats)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Day 01:" in r.stdout and "\\boxed{" in r.stdout
+    assert "\n\n" in r.stdout  # steps end in blank lines
+    m = re.search(r"(\d+) compress events", r.stderr)
+    assert m and int(m[1]) >= demo.MIN_DAYS, r.stderr
+    m = re.search(r"Drafts: (\d+)/(\d+) accepted", r.stderr)
+    assert m and int(m[1]) > 0, r.stderr
+    d = json.loads(stats.read_text())
+    assert d["compress_events"] == int(re.search(r"(\d+) compress events", r.stderr)[1])
+    assert d["peak_kv_tokens"] < d["plain_kv_tokens"]
+    assert score(r.stdout, problem.eval_item()), r.stdout

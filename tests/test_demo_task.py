@@ -1,0 +1,87 @@
+"""The demo model's synthetic task: deterministic, disjoint splits, right answers."""
+
+import json
+import re
+
+import pytest
+
+from mlx_memosight import demo
+from mlx_memosight.datasets import split_steps
+from mlx_memosight.scoring import extract_boxed, load_items, score
+
+QUESTION = re.compile(
+    r"(\w+) has (\d+) (\w+)\. Every day (he|she) (\w+) (\d+)\. "
+    r"How many \3 does \4 have after (\d+) days\?"
+)
+STEP = re.compile(r"Day (\d\d): (\w+) (\w+) (\d+), so (\d+) ([+-]) (\d+) = (\d+)\.")
+
+
+def solve(question: str) -> int:
+    """The answer worked out from the question text alone."""
+    m = QUESTION.fullmatch(question)
+    assert m, question
+    start, verb, n, days = int(m[2]), m[5], int(m[6]), int(m[7])
+    gains = {g for g, _ in demo.VERBS}
+    losses = {l for _, l in demo.VERBS}
+    assert verb in gains | losses
+    count = start
+    for _ in range(days):
+        count += n if verb in gains else -n
+        assert demo.MIN_COUNT <= count <= demo.MAX_COUNT
+    return count
+
+
+def test_generator_is_deterministic():
+    a = demo.problems("train", 30, seed=3)
+    b = demo.problems("train", 30, seed=3)
+    c = demo.problems("train", 30, seed=4)
+    assert [p.question for p in a] == [p.question for p in b]
+    assert [p.thoughts for p in a] == [p.thoughts for p in b]
+    assert [p.question for p in a] != [p.question for p in c]
+    assert demo.heldout_items(5) == demo.heldout_items(5)
+
+
+def test_splits_never_overlap():
+    qs = {s: [p.question for p in demo.problems(s, n)] for s, n in
+          (("train", 3000), ("valid", 200), ("heldout", 200))}
+    for split, questions in qs.items():
+        assert len(set(questions)) == len(questions)
+        assert all(demo.split_of(q) == split for q in questions)
+    assert not set(qs["train"]) & set(qs["heldout"])
+    assert not set(qs["train"]) & set(qs["valid"])
+    assert not set(qs["valid"]) & set(qs["heldout"])
+    # other seeds draw other problems but keep to the same split
+    assert all(demo.split_of(p.question) == "heldout" for p in demo.problems("heldout", 50, seed=9))
+
+
+def test_answers_and_steps_are_right():
+    for p in demo.problems("heldout", 200):
+        answer = solve(p.question)
+        assert p.answer == answer
+        days = int(QUESTION.fullmatch(p.question)[7])
+        assert demo.MIN_DAYS <= days <= demo.MAX_DAYS
+        assert len(p.thoughts) == days + 1
+        count = int(QUESTION.fullmatch(p.question)[2])
+        for day, step in enumerate(p.thoughts[:-1], 1):
+            m = STEP.fullmatch(step)
+            assert m, step
+            assert int(m[1]) == day and int(m[5]) == count
+            x, n, y = int(m[5]), int(m[7]), int(m[8])
+            assert y == (x + n if m[6] == "+" else x - n)
+            count = y
+        assert extract_boxed(p.thoughts[-1]) == str(answer) == str(count)
+        # the solution reads back as these steps, and the reference scoring accepts it
+        assert split_steps(p.solution) == p.thoughts
+        assert score(p.solution, p.eval_item())
+
+
+def test_heldout_file_for_bench_and_evaluate(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    demo.main([str(path), "-n", "7"])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == demo.heldout_items(7)
+    assert all(set(r) == {"question", "answer", "kind"} for r in rows)
+    items = load_items(path)
+    assert len(items) == 7 and items[0]["kind"] == "gsm8k"
+    with pytest.raises(SystemExit):
+        demo.main([str(tmp_path / "x.jsonl"), "-n", "0"])
