@@ -47,8 +47,9 @@ from mlx_memosight.train import TrainingOptions, prepare, save_model, train  # n
 SYSTEM = TEMPLATES["plain"].system
 # The chat template renders the "plain" MemoSight template, so that a model
 # without memosight.json (the baseline) is prompted exactly like the demo model
-# (no BOS: the "plain" template has none).
+# (the "plain" template starts with the tokenizer's BOS).
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
     "{% else %}{{ '" + SYSTEM + "' }}{% endif %}"
     "{% for m in messages %}"
@@ -72,15 +73,15 @@ def build_parser():
     p.add_argument("--bare-questions", type=float, default=0.2,
                    help="share of training questions without the evaluation prefix")
     p.add_argument("--vocab-size", type=int, default=640, help="SentencePiece vocabulary")
-    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--intermediate-size", type=int, default=512)
-    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--heads", type=int, default=2)
     p.add_argument("--kv-heads", type=int, default=1)
-    p.add_argument("--iters", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
@@ -146,12 +147,6 @@ def train_tokenizer(texts, folder: Path, vocab_size: int):
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     tok = LlamaTokenizer.from_pretrained(str(folder))
     tok.chat_template = CHAT_TEMPLATE
-    question = "How many?"
-    expected = TEMPLATES["plain"].render(question).replace("{bos}", "")
-    rendered = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True)
-    if rendered != expected:
-        raise AssertionError(f"chat template renders {rendered!r}, the training prompt is {expected!r}")
     tok.save_pretrained(str(folder))
     return folder
 
@@ -193,6 +188,12 @@ def build(kind: str, tok_dir: Path, train_p, valid_p, args, out: Path, clock: Cl
                      compression_ratio=args.compression_ratio, max_offset=args.max_offset,
                      draft_len=args.draft_len)
     plain = kind == "plain"
+    question = "How many?"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    if rendered != cfg.template.render(question):
+        raise AssertionError(f"the chat template renders {rendered!r}, the training prompt is "
+                             f"{cfg.template.render(question)!r}")
 
     def dataset(ps, split):
         share = args.bare_questions if split == "train" else 0.0

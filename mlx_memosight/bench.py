@@ -283,7 +283,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     summaries = [r.summary() for r in rows.values()]
-    print(format_table(summaries, "mlx_lm" if "mlx_lm" in rows else summaries[0]["config"]))
+    print(format_table(summaries, summaries[0]["config"]))  # the mlx_lm row
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,13 @@ def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "mlx_memosight.bench", "--model", str(path), "--prompt", "go",
-         "--max-tokens", "20", "--out", str(out)],
+         "--max-tokens", "20", "--out", str(out), "--plain-model", str(path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert "memosight" in r.stdout
+    # the mlx_lm row (here of the given plain model) is the base of the ratios
+    assert "base: mlx_lm (plain model)" in r.stdout and "0.00x" not in r.stdout
     d = json.loads((out / "summary.json").read_text())
     assert {row["config"] for row in d["rows"]} >= {"mlx_lm", "memosight"}
     assert (out / "kv_curve.png").stat().st_size > 1000
