@@ -27,7 +27,8 @@ def test_shipped_files_and_size():
     assert config["model_type"] == "llama"
     # installed with the package
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "demo_model/*" in pyproject["tool"]["setuptools"]["package-data"]["mlx_memosight"]
+    assert "mlx_memosight.demo_model" in pyproject["tool"]["setuptools"]["packages"]
+    assert pyproject["tool"]["setuptools"]["package-data"]["mlx_memosight.demo_model"] == ["*"]
     assert pyproject["project"]["scripts"]["mlx_memosight.evaluate"] == "mlx_memosight.evaluate:main"
 
 
