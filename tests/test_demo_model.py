@@ -57,6 +57,7 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr
     assert "Day 01:" in r.stdout and "\\boxed{" in r.stdout
     assert "\n\n" in r.stdout  # steps end in blank lines
     m = re.search(r"(\d+) compress events", r.stderr)
