@@ -69,3 +69,12 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
     assert d["peak_kv_tokens"] < d["plain_kv_tokens"]
     # the answer is read the way the evaluation reads it (right or not: the model is tiny)
     assert extract_boxed(r.stdout).isdigit(), r.stdout
+
+
+def test_pass_cost_script():
+    r = subprocess.run([sys.executable, "examples/pass_cost.py", "--rounds", "2", "--tokens", "1", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[-2:]]
+    assert [row[0] for row in rows] == ["1", "3"] and rows[0][2] == "1.00x"
+    assert float(rows[1][1]) > 0

@@ -1,0 +1,64 @@
+"""How the cost of one forward pass grows with the tokens it carries, on this machine.
+
+    python examples/pass_cost.py [--model PATH] [--cache 100] [--tokens 1 2 3 5 9]
+
+Drafting commits several tokens per pass; it pays only where a pass of a few
+tokens costs about what a 1-token pass costs (memory-bound decoding, as on an
+Apple GPU). On a compute-bound backend (MLX's CPU backend) the cost grows with
+the tokens and drafting cannot win. This times mlx-lm's own model call over a
+KV cache of ``--cache`` entries for each pass size, interleaved, and prints the
+cost relative to a 1-token pass. Default model: the packaged demo model.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm import load  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from mlx_memosight.demo import demo_model_path  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model folder (default: the packaged demo model)")
+    p.add_argument("--cache", type=int, default=100, help="KV entries already cached")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9], help="pass sizes")
+    p.add_argument("--rounds", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.cache < 1 or min(args.tokens) < 1 or args.rounds < 1:
+        p.error("--cache, --tokens and --rounds must be at least 1")
+    model, _ = load(str(args.model or demo_model_path()))
+    vocab = model.args.vocab_size
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[i % vocab for i in range(args.cache)]]), cache=cache))
+    passes = {T: mx.array([[(7 * i + 3) % vocab for i in range(T)]]) for T in args.tokens}
+
+    def run(T):
+        mx.eval(model(passes[T], cache=cache))
+        for c in cache:
+            c.trim(T)
+
+    for T in args.tokens:  # warm up
+        for _ in range(5):
+            run(T)
+    spent = {T: 0.0 for T in args.tokens}
+    for _ in range(args.rounds):
+        for T in args.tokens:
+            tic = time.perf_counter()
+            run(T)
+            spent[T] += time.perf_counter() - tic
+    base = spent[args.tokens[0]]
+    print(f"device: {mx.default_device()}, cache: {args.cache} entries")
+    print(f"{'tokens':>6}{'ms / pass':>12}{'vs ' + str(args.tokens[0]):>10}")
+    for T in args.tokens:
+        print(f"{T:>6}{spent[T] / args.rounds * 1e3:>12.3f}{spent[T] / base:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
