@@ -133,7 +133,8 @@ def stream_generate(
     Yields:
         :class:`GenerationResponse` per committed token. Splitters show as a
         newline (a step ends with "\\n" + splitter, which reads as a blank
-        line); the stop token adds no text.
+        line) and each step is decoded on its own, as it was encoded; the
+        stop token adds no text.
     """
     cfg = memosight_config or getattr(model, "memosight_config", None)
     ids = _prompt_ids(tokenizer, prompt, cfg, system, raw_prompt)
@@ -150,8 +151,17 @@ def stream_generate(
         t = event.token
         if t in engine.stop_ids:
             segment = ""
+        elif t == splitter:
+            # Steps are encoded one by one (SPEC section 1), so each is decoded
+            # on its own: a SentencePiece step then does not start with the
+            # space of its dummy prefix.
+            if newline is not None:
+                detokenizer.add_token(newline)
+            detokenizer.finalize()
+            segment = detokenizer.last_segment
+            detokenizer.reset()
         else:
-            detokenizer.add_token(newline if t == splitter and newline is not None else t)
+            detokenizer.add_token(t)
             segment = detokenizer.last_segment
         st = engine.stats
         prev = GenerationResponse(

@@ -60,6 +60,8 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
     assert "Warning" not in r.stderr, r.stderr
     assert "Day 01:" in r.stdout and "\\boxed{" in r.stdout
     assert "\n\n" in r.stdout  # steps end in blank lines
+    # each step decodes on its own, as it was encoded: no SentencePiece space before "Day"
+    assert "\n\nDay 02:" in r.stdout and "\n Day" not in r.stdout, r.stdout
     m = re.search(r"(\d+) compress events", r.stderr)
     assert m and int(m[1]) >= demo.MIN_DAYS, r.stderr
     m = re.search(r"Drafts: (\d+)/(\d+) accepted", r.stderr)
