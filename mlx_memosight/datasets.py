@@ -284,18 +284,13 @@ class MemoSightDataset:
                 answer = tokenizer.encode("\n\n".join(ex.thoughts), add_special_tokens=False)
                 s = plain_sample(prompt, answer, cfg.token_ids.eos if ex.add_eos else None,
                                  max_seq_length)
-                truncated += s.truncated
-                if num_targets(s) == (0, 0):
-                    dropped += 1
-                    continue
-                samples.append(s)
-                continue
-            steps, thought_lens = encode_steps(tokenizer, ex.thoughts, SPLITTER)
-            s = build_training_sample(
-                prompt, steps, cfg.token_ids, cfg.compression_ratio, int(offset),
-                thought_lens=thought_lens, add_eos=ex.add_eos, max_length=max_seq_length,
-                max_memory_tokens=cfg.max_memory_tokens,
-            )
+            else:
+                steps, thought_lens = encode_steps(tokenizer, ex.thoughts, SPLITTER)
+                s = build_training_sample(
+                    prompt, steps, cfg.token_ids, cfg.compression_ratio, int(offset),
+                    thought_lens=thought_lens, add_eos=ex.add_eos, max_length=max_seq_length,
+                    max_memory_tokens=cfg.max_memory_tokens,
+                )
             truncated += s.truncated
             if num_targets(s) == (0, 0):
                 dropped += 1
