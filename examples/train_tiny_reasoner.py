@@ -5,8 +5,9 @@
 Steps (each timed; the total is printed at the end):
 
 1. data: the synthetic task of :mod:`mlx_memosight.demo` (train and valid
-   splits as reference-format JSON lines under ``OUT/data``, the held-out
-   problems as an eval file ``OUT/heldout.jsonl``);
+   splits as reference-format JSON lines under ``OUT/data``, which both models
+   are trained from; the held-out problems as an eval file
+   ``OUT/heldout.jsonl``);
 2. tokenizer: a SentencePiece BPE model trained on the training text (digits
    split, byte fallback), loaded as a Hugging Face ``LlamaTokenizer``, with a
    chat template that renders the prompt both models are trained on;
@@ -40,7 +41,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_memosight import demo  # noqa: E402
 from mlx_memosight.config import TEMPLATES  # noqa: E402
-from mlx_memosight.datasets import Example, MemoSightDataset  # noqa: E402
+from mlx_memosight.datasets import MemoSightDataset, read_jsonl  # noqa: E402
 from mlx_memosight.scoring import PROMPT_PREFIX  # noqa: E402
 from mlx_memosight.train import TrainingOptions, prepare, save_model, train  # noqa: E402
 
@@ -94,11 +95,9 @@ class Clock:
     def __init__(self):
         self.start = time.perf_counter()
         self.last = self.start
-        self.phases = []
 
     def done(self, what):
         now = time.perf_counter()
-        self.phases.append((what, now - self.last))
         print(f"[{now - self.start:7.1f} s] {what} ({now - self.last:.1f} s)", flush=True)
         self.last = now
 
@@ -115,11 +114,10 @@ def write_data(out: Path, args):
     demo.write_jsonl(out / "data" / "train.jsonl", [p.training_record(q) for p, q in zip(train_p, train_q)])
     demo.write_jsonl(out / "data" / "valid.jsonl", [p.training_record(q) for p, q in zip(valid_p, valid_q)])
     demo.write_jsonl(out / "heldout.jsonl", [p.eval_item() for p in held])
-    template = TEMPLATES["plain"]
     texts = []
     for p, q in zip(train_p, train_q):
-        texts += [template.prompt.format(bos="", system=template.system, question=q), p.solution]
-    return train_p, valid_p, texts
+        texts += [TEMPLATES["plain"].render(q), p.solution]
+    return len(train_p), len(valid_p), texts
 
 
 def questions(ps, bare_share: float):
@@ -177,7 +175,7 @@ def fresh_model(tokenizer, args):
     return model, config
 
 
-def build(kind: str, tok_dir: Path, train_p, valid_p, args, out: Path, clock: Clock):
+def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -195,13 +193,12 @@ def build(kind: str, tok_dir: Path, train_p, valid_p, args, out: Path, clock: Cl
         raise AssertionError(f"the chat template renders {rendered!r}, the training prompt is "
                              f"{cfg.template.render(question)!r}")
 
-    def dataset(ps, split):
-        share = args.bare_questions if split == "train" else 0.0
-        examples = [Example(q, p.thoughts) for p, q in zip(ps, questions(ps, share))]
+    def dataset(split):
+        examples, _ = read_jsonl(out / "data" / f"{split}.jsonl")
         return MemoSightDataset.from_examples(examples, tokenizer, cfg, seed=args.seed, name=split,
                                               plain=plain)
 
-    train_set, valid_set = dataset(train_p, "train"), dataset(valid_p, "valid")
+    train_set, valid_set = dataset("train"), dataset("valid")
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     real = train_set.num_real_tokens
     print(f"{kind}: {n_params / 1e6:.2f}M parameters, {len(train_set)} examples, "
@@ -264,12 +261,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     if args.model_only:
-        train_p = demo.problems("train", args.train_examples, args.seed)
-        valid_p = demo.problems("valid", args.valid_examples, args.seed)
-        build(args.only, out / "tokenizer", train_p, valid_p, args, out, clock)
+        build(args.only, out / "tokenizer", args, out, clock)
         return
-    train_p, valid_p, texts = write_data(out, args)
-    clock.done(f"data: {len(train_p)} train, {len(valid_p)} valid, {args.heldout} held-out problems")
+    n_train, n_valid, texts = write_data(out, args)
+    clock.done(f"data: {n_train} train, {n_valid} valid, {args.heldout} held-out problems")
     tok_dir = train_tokenizer(texts, out / "tokenizer", args.vocab_size)
     clock.done(f"tokenizer: {tok_dir}")
     kinds = [k for k in ("memosight", "plain") if args.only in (None, k)]
@@ -277,7 +272,7 @@ def main(argv=None):
         run_parallel(kinds, argv, out, clock)
     else:
         for kind in kinds:
-            build(kind, tok_dir, train_p, valid_p, args, out, clock)
+            build(kind, tok_dir, args, out, clock)
     (out / "train_settings.json").write_text(json.dumps(vars(args), indent=2))
     print(f"total: {clock.total / 60:.1f} minutes")
 
