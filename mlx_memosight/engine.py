@@ -25,6 +25,7 @@ from typing import Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .backend import pass_costs
 from .cache import KVCache
 from .config import MemoSightConfig
 from .kernels import CompactMask
@@ -34,6 +35,25 @@ from .model import TokenPositions, forward
 SCHEDULES = ("fused", "two-pass")
 FORESIGHT_SETS = ("auto", "all", "last")
 MAX_DRAFT_LEN = 16
+
+
+# "all" puts a foresight set after every draft prefix. On the demo model "last"
+# needed 1.22x (draft_len 2) and 1.27x (draft_len 3) the passes per token of
+# "all", so "all" is chosen where its bigger pass costs at most 1.25x a "last" pass.
+ALL_SETS_WORTH = 1.25
+
+
+def choose_foresight_sets(model, draft_len: int) -> str:
+    """``"all"`` or ``"last"`` for this model on this machine: times a pass of
+    each layout's size (once per loaded model, see
+    :func:`mlx_memosight.backend.pass_costs`) and takes ``"all"`` unless its
+    pass costs more than ``ALL_SETS_WORTH`` times the other's."""
+    g = draft_len
+    if g <= 0:
+        return "last"
+    t_last, t_all = 1 + 2 * g, 1 + g + (g + 1) * g  # a full block of g drafts
+    costs = pass_costs(model, [t_last, t_all])
+    return "all" if costs[t_all] <= ALL_SETS_WORTH * costs[t_last] else "last"
 
 
 class GenerationError(ValueError):
@@ -170,11 +190,12 @@ class Engine:
         schedule: ``"fused"`` or ``"two-pass"``.
         foresight_sets: in the fused pass, a foresight set after every draft
             prefix (``"all"``: drafts survive any rejection; best where extra
-            tokens in a pass cost little, as on GPUs) or only after the whole
-            block (``"last"``: fewer tokens per pass; after a rejection the
-            next pass drafts afresh; best where every token in a pass costs
-            compute, as on CPUs); ``"auto"`` picks ``"last"`` when MLX runs
-            on the CPU and ``"all"`` otherwise.
+            tokens in a pass cost little: GPUs, CPUs with a fast BLAS) or
+            only after the whole block (``"last"``: fewer tokens per pass;
+            after a rejection the next pass drafts afresh; best where every
+            token in a pass costs compute, as with MLX's Linux wheel and its
+            reference BLAS); ``"auto"`` times both pass sizes once per loaded
+            model and picks (:func:`choose_foresight_sets`).
         temp, top_p: sampling (greedy when ``temp == 0``).
         repetition_penalty: 1.0 disables it; 1.1 reproduces the reference
             evaluation.
@@ -205,13 +226,13 @@ class Engine:
         self.model = model
         self.cfg = cfg
         self.schedule = schedule
-        if foresight_sets == "auto":
-            foresight_sets = "last" if mx.default_device() == mx.cpu else "all"
-        self.foresight_sets = foresight_sets
         if cfg is None:
             foresight = compress = False
         g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
         self.draft_len = g if foresight else 0
+        if foresight_sets == "auto":
+            foresight_sets = choose_foresight_sets(model, self.draft_len)
+        self.foresight_sets = foresight_sets
         self.compress = compress
         self.builder = PassBuilder(cfg)
         vocab = model.args.vocab_size

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foresight-sets", choices=("auto", "all", "last"), default="auto",
                    help="fused schedule: a foresight set after every draft prefix (all) or only after "
                         "the whole block (last: fewer tokens per pass, for compute-bound backends); "
-                        "auto: last on the CPU, all on a GPU (default)")
+                        "auto: times both pass sizes once and picks (default)")
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)

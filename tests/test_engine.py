@@ -71,11 +71,32 @@ def test_foresight_never_changes_the_output(loaded):
     assert accepted > 0 and fused_passes < two_pass_passes
 
 
-def test_foresight_sets_auto_follows_the_device(loaded):
+def test_foresight_sets_auto_times_both_pass_sizes(loaded, monkeypatch):
     _, _, model, _, cfg = loaded
-    engine = Engine(model, cfg)
-    assert engine.foresight_sets == ("last" if mx.default_device() == mx.cpu else "all")
+    from mlx_memosight import engine as engine_mod
+    from mlx_memosight.backend import pass_costs
+
+    # a real measurement: positive seconds, kept on the model and reused
+    costs = pass_costs(model, [5, 7])
+    assert all(c > 0 for c in costs.values())
+    assert pass_costs(model, [5, 7]) == costs
+    assert Engine(model, cfg, draft_len=2).foresight_sets in ("all", "last")
     assert Engine(model, cfg, foresight_sets="all").foresight_sets == "all"
+    assert Engine(model, cfg, foresight_sets="last").foresight_sets == "last"
+
+    # the rule: "all" unless its pass (1 + g + (g + 1) g tokens) costs more
+    # than ALL_SETS_WORTH times the "last" pass (1 + 2 g tokens)
+    def fake(cost_all):
+        return lambda m, sizes: {sizes[0]: 1.0, sizes[1]: cost_all}
+
+    asked = []
+    monkeypatch.setattr(engine_mod, "pass_costs", lambda m, sizes: asked.append(sizes) or {5: 1.0, 9: 1.1})
+    assert Engine(model, cfg, draft_len=2).foresight_sets == "all"
+    assert asked == [[5, 9]]
+    monkeypatch.setattr(engine_mod, "pass_costs", fake(engine_mod.ALL_SETS_WORTH + 0.05))
+    assert Engine(model, cfg, draft_len=3).foresight_sets == "last"
+    monkeypatch.setattr(engine_mod, "pass_costs", fake(engine_mod.ALL_SETS_WORTH - 0.05))
+    assert Engine(model, cfg, draft_len=3).foresight_sets == "all"
 
 
 def test_no_compression_equals_plain_causal_decoding(loaded):
