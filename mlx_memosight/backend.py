@@ -9,41 +9,69 @@ use this module to say which case they are in and to choose the foresight
 layout (:func:`pass_costs`).
 """
 
+import ctypes
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import mlx.core as mx
 
 REFERENCE_BLAS = "reference BLAS"
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _global_cblas_file() -> Optional[str]:
+    """The file that serves ``cblas_sgemm`` from the global namespace (a
+    library put in front with ``LD_PRELOAD``), or None."""
+    try:
+        proc = ctypes.CDLL(None)
+        fn = proc.cblas_sgemm
+        info = _DlInfo()
+        if not proc.dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+        return os.fsdecode(info.dli_fname) if info.dli_fname else None
+    except (OSError, AttributeError):
+        return None
+
+
+def _classify(name: str) -> str:
+    name = Path(name).name.lower()
+    if "openblas" in name:
+        return "OpenBLAS"
+    if "mkl" in name:
+        return "MKL"
+    if "blis" in name:
+        return "BLIS"
+    if name.startswith("libblas") or name.startswith("libcblas"):
+        return REFERENCE_BLAS
+    return "unknown"
+
+
 def blas_library() -> str:
-    """The BLAS that MLX's CPU matrix products go through in this process:
-    ``"Accelerate"`` on macOS; on Linux the first BLAS found among the loaded
-    libraries (a library put in front with ``LD_PRELOAD`` wins, as the dynamic
-    linker resolves it first)."""
+    """The BLAS that MLX's CPU matrix products (``cblas_sgemm``) go through in
+    this process: ``"Accelerate"`` on macOS; on Linux the library in front of
+    the global namespace if one exports ``cblas_sgemm`` (``LD_PRELOAD``),
+    else the one MLX's wheel loaded for itself."""
     if sys.platform == "darwin":
         return "Accelerate"
+    front = _global_cblas_file()
+    if front is not None:
+        return _classify(front)
     try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return "unknown"
-    seen = []
-    for line in lines:
-        name = Path(line.split()[-1]).name.lower() if "/" in line else ""
-        if name.endswith((".so",)) or ".so." in name:
-            if name not in seen:
-                seen.append(name)
-    for name in seen:  # load order: preloaded libraries come first
-        if "openblas" in name and "scipy" not in name:  # numpy's copy has renamed symbols
-            return "OpenBLAS"
-        if "mkl_rt" in name or "libblis" in name:
-            return "MKL" if "mkl" in name else "BLIS"
-        if name.startswith("libblas"):
-            return REFERENCE_BLAS
+    for line in maps:
+        path = line.split()[-1] if "/" in line else ""
+        if "mlx" in path and ("blas" in Path(path).name.lower()):
+            return _classify(path)
     return "unknown"
 
 

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 
 from .config import ConfigError
-from .engine import GenerationError
+from .backend import REFERENCE_BLAS, blas_library, describe
+from .engine import GenerationError, choose_foresight_sets
 from .generate import _prompt_ids, load, make_engine
 from .scoring import eval_prompt, load_items, score
 
@@ -52,6 +53,7 @@ class Run:
 class Row:
     name: str
     runs: List[Run] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -197,11 +199,13 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     plain = None
     if plain_model_path is not None:
         plain = load(plain_model_path)
+    if cfg is not None and foresight_sets == "auto":
+        foresight_sets = choose_foresight_sets(model, g)
     configs = configurations(cfg, g, foresight_sets)
     rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
     if plain is not None:
         rows["mlx_lm"].name = "mlx_lm (plain model)"
-    rows.update({name: Row(name) for name in configs})
+    rows.update({name: Row(name, settings=kw) for name, kw in configs.items()})
     iterator = prompts
     if progress:
         from tqdm import tqdm
@@ -272,6 +276,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if mx.default_device() == mx.cpu and blas_library() == REFERENCE_BLAS:
+        print("note: MLX's CPU products go through the reference BLAS here, where a pass costs "
+              "more with every token it carries and drafting cannot pay; see README "
+              "(examples/with_openblas.sh)", file=sys.stderr)
     try:
         if args.prompt:
             items = [{"question": q} for q in args.prompt]
@@ -283,6 +291,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     summaries = [r.summary() for r in rows.values()]
+    settings = rows["memosight"].settings if "memosight" in rows else {}
+    print(f"device: {describe()}" + "".join(f", {k}: {v}" for k, v in settings.items()))
     print(format_table(summaries, summaries[0]["config"]))  # the mlx_lm row
     if args.out:
         out = Path(args.out)
@@ -291,6 +301,8 @@ def main(argv=None):
             model=str(args.model),
             plain_model=args.plain_model,
             max_tokens=args.max_tokens,
+            device=describe(),
+            memosight_settings=settings,
             rows=summaries,
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
         )

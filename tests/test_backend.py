@@ -1,0 +1,47 @@
+"""Which BLAS MLX uses, and what a pass costs (mlx_memosight.backend)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_memosight import backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so", "OpenBLAS"),
+    ("/x/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0", backend.REFERENCE_BLAS),
+    ("/usr/lib/libcblas.so.3", backend.REFERENCE_BLAS),
+    ("/opt/intel/lib/libmkl_rt.so.2", "MKL"),
+    ("/usr/lib/libblis.so.4", "BLIS"),
+    ("/usr/lib/libfoo.so", "unknown"),
+])
+def test_library_names_are_classified(name, kind):
+    assert backend._classify(name) == kind
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux wheel's BLAS")
+def test_the_wheels_own_blas_is_found_without_a_preload():
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import mlx.core as mx; mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)));"
+         "from mlx_memosight import backend; print(backend.blas_library())"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    # the wheel links a BLAS of its own; whichever it is, it is named
+    assert out.stdout.strip() != "unknown", out.stdout + out.stderr
+
+
+def test_describe_names_the_device():
+    text = backend.describe()
+    assert text == "gpu" or text.startswith("cpu (")
+
+
+def test_the_with_openblas_script_refuses_no_command():
+    out = subprocess.run(["bash", str(REPO / "examples" / "with_openblas.sh")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "usage" in out.stderr
