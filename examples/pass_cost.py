@@ -4,10 +4,12 @@
 
 Drafting commits several tokens per pass; it pays only where a pass of a few
 tokens costs about what a 1-token pass costs (memory-bound decoding, as on an
-Apple GPU). On a compute-bound backend (MLX's CPU backend) the cost grows with
-the tokens and drafting cannot win. This times mlx-lm's own model call over a
-KV cache of ``--cache`` entries for each pass size, interleaved, and prints the
-median cost relative to a 1-token pass. Default model: the packaged demo model.
+Apple GPU, or a CPU whose BLAS is fast for small matrices). With the reference
+BLAS of MLX's Linux wheel the cost grows with the tokens and drafting cannot win
+(compare with ``examples/with_openblas.sh python examples/pass_cost.py``).
+This times mlx-lm's own model call over a KV cache of ``--cache`` entries for
+each pass size, interleaved, and prints the median cost relative to a 1-token
+pass. Default model: the packaged demo model.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
+from mlx_memosight.backend import describe  # noqa: E402
 from mlx_memosight.demo import demo_model_path  # noqa: E402
 
 
@@ -57,7 +60,7 @@ def main(argv=None):
     # the median resists the odd slow pass when other work shares the machine
     median = {T: statistics.median(v) for T, v in times.items()}
     base = median[args.tokens[0]]
-    print(f"device: {mx.default_device()}, cache: {args.cache} entries, median of {args.rounds} passes")
+    print(f"device: {describe()}, cache: {args.cache} entries, median of {args.rounds} passes")
     print(f"{'tokens':>6}{'ms / pass':>12}{'vs ' + str(args.tokens[0]):>10}")
     for T in args.tokens:
         print(f"{T:>6}{median[T] * 1e3:>12.3f}{median[T] / base:>9.2f}x")

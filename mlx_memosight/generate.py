@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as _MlxLmResponse
 
+from .backend import REFERENCE_BLAS, describe
 from .config import ConfigError, MemoSightConfig
 from .engine import SCHEDULES, Engine, GenerationError, GenerationStats
 
@@ -227,10 +228,20 @@ def format_stats(st: GenerationStats) -> str:
     return "\n".join(lines)
 
 
+def device_line(st: GenerationStats) -> str:
+    """Where the generation ran; with MLX's reference CPU BLAS, why drafting
+    saves little time there."""
+    line = f"Device: {describe()}"
+    if st.drafted_tokens and describe() == f"cpu ({REFERENCE_BLAS})":
+        line += (" - every token of a pass costs compute with this BLAS, so drafting saves "
+                 "passes but little time (README: Speed on Linux)")
+    return line
+
+
 def stats_json(result: GenerationResult) -> dict:
     st = result.stats
     d = st.to_dict()
-    d.update(text=result.text, token_ids=result.token_ids)
+    d.update(text=result.text, token_ids=result.token_ids, device=describe())
     return d
 
 
@@ -303,6 +314,7 @@ def main(argv=None):
         st = result.stats
         print("=" * 10, file=sys.stderr)
         print(format_stats(st), file=sys.stderr)
+        print(device_line(st), file=sys.stderr)
         if args.stats_json:
             out = GenerationResult("".join(text), ids, st)
             with open(args.stats_json, "w") as f:

@@ -66,7 +66,9 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
     assert m and int(m[1]) >= demo.MIN_DAYS, r.stderr
     m = re.search(r"Drafts: (\d+)/(\d+) accepted", r.stderr)
     assert m and int(m[1]) > 0, r.stderr
+    assert re.search(r"^Device: (gpu|cpu \(.+\))", r.stderr, re.M), r.stderr
     d = json.loads(stats.read_text())
+    assert d["device"] in r.stderr
     assert d["compress_events"] == int(re.search(r"(\d+) compress events", r.stderr)[1])
     assert d["peak_kv_tokens"] < d["plain_kv_tokens"]
     # the answer is read the way the evaluation reads it (right or not: the model is tiny)
