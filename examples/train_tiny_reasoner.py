@@ -1,6 +1,10 @@
 """Train the packaged demo model, and its plain baseline, from scratch.
 
-    python examples/train_tiny_reasoner.py --out tiny-reasoner
+    examples/with_openblas.sh python examples/train_tiny_reasoner.py --out tiny-reasoner
+
+On Linux, run it under ``examples/with_openblas.sh``: with the reference BLAS
+of MLX's Linux wheel training is about seven times slower (README, "Speed on
+Linux"), far over the hour the defaults are sized for.
 
 Steps (each timed; the total is printed at the end):
 
@@ -40,6 +44,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_memosight import demo  # noqa: E402
+from mlx_memosight.backend import REFERENCE_BLAS, blas_library  # noqa: E402
 from mlx_memosight.config import TEMPLATES  # noqa: E402
 from mlx_memosight.datasets import MemoSightDataset, read_jsonl  # noqa: E402
 from mlx_memosight.scoring import PROMPT_PREFIX  # noqa: E402
@@ -68,7 +73,7 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=3000)
+    p.add_argument("--train-examples", type=int, default=10000)
     p.add_argument("--valid-examples", type=int, default=64)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--bare-questions", type=float, default=0.2,
@@ -79,9 +84,9 @@ def build_parser():
     p.add_argument("--intermediate-size", type=int, default=384)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--kv-heads", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--iters", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
@@ -260,6 +265,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
+    if not args.model_only and mx.default_device() == mx.cpu and blas_library() == REFERENCE_BLAS:
+        print("note: MLX's CPU products go through the reference BLAS here; training is about "
+              "seven times slower than under examples/with_openblas.sh", flush=True)
     if args.model_only:
         build(args.only, out / "tokenizer", args, out, clock)
         return
