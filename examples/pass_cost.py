@@ -13,18 +13,14 @@ pass. Default model: the packaged demo model.
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from mlx_memosight.backend import describe  # noqa: E402
+from mlx_memosight.backend import describe, pass_costs  # noqa: E402
 from mlx_memosight.demo import demo_model_path  # noqa: E402
 
 
@@ -38,27 +34,7 @@ def main(argv=None):
     if args.cache < 1 or min(args.tokens) < 1 or args.rounds < 1:
         p.error("--cache, --tokens and --rounds must be at least 1")
     model, _ = load(str(args.model or demo_model_path()))
-    vocab = model.args.vocab_size
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[i % vocab for i in range(args.cache)]]), cache=cache))
-    passes = {T: mx.array([[(7 * i + 3) % vocab for i in range(T)]]) for T in args.tokens}
-
-    def run(T):
-        mx.eval(model(passes[T], cache=cache))
-        for c in cache:
-            c.trim(T)
-
-    for T in args.tokens:  # warm up
-        for _ in range(5):
-            run(T)
-    times = {T: [] for T in args.tokens}
-    for _ in range(args.rounds):
-        for T in args.tokens:
-            tic = time.perf_counter()
-            run(T)
-            times[T].append(time.perf_counter() - tic)
-    # the median resists the odd slow pass when other work shares the machine
-    median = {T: statistics.median(v) for T, v in times.items()}
+    median = pass_costs(model, args.tokens, cached=args.cache, rounds=args.rounds, warmup=5)
     base = median[args.tokens[0]]
     print(f"device: {describe()}, cache: {args.cache} entries, median of {args.rounds} passes")
     print(f"{'tokens':>6}{'ms / pass':>12}{'vs ' + str(args.tokens[0]):>10}")

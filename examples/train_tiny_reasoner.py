@@ -44,7 +44,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_memosight import demo  # noqa: E402
-from mlx_memosight.backend import REFERENCE_BLAS, blas_library  # noqa: E402
+from mlx_memosight.backend import reference_blas_in_use  # noqa: E402
 from mlx_memosight.config import TEMPLATES  # noqa: E402
 from mlx_memosight.datasets import MemoSightDataset, read_jsonl  # noqa: E402
 from mlx_memosight.scoring import PROMPT_PREFIX  # noqa: E402
@@ -265,7 +265,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
-    if not args.model_only and mx.default_device() == mx.cpu and blas_library() == REFERENCE_BLAS:
+    if not args.model_only and reference_blas_in_use():
         print("note: MLX's CPU products go through the reference BLAS here; training is about "
               "seven times slower than under examples/with_openblas.sh", flush=True)
     if args.model_only:

@@ -10,6 +10,7 @@ layout (:func:`pass_costs`).
 """
 
 import ctypes
+import functools
 import os
 import statistics
 import sys
@@ -54,6 +55,7 @@ def _classify(name: str) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def blas_library() -> str:
     """The BLAS that MLX's CPU matrix products (``cblas_sgemm``) go through in
     this process: ``"Accelerate"`` on macOS; on Linux the library in front of
@@ -75,6 +77,12 @@ def blas_library() -> str:
     return "unknown"
 
 
+def reference_blas_in_use() -> bool:
+    """True when MLX runs on the CPU with the reference BLAS, where drafting
+    cannot pay (callers say so to the user)."""
+    return mx.default_device() == mx.cpu and blas_library() == REFERENCE_BLAS
+
+
 def describe() -> str:
     """``"gpu"`` or ``"cpu (<BLAS>)"``, for reports."""
     if mx.default_device() == mx.gpu:
@@ -82,31 +90,32 @@ def describe() -> str:
     return f"cpu ({blas_library()})"
 
 
-def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7) -> Dict[int, float]:
-    """Median seconds of one forward pass of each size in ``sizes`` over a KV
-    cache of ``cached`` entries, measured interleaved on ``model`` (a few
-    dozen small passes). Results are kept on the model, so each size is
-    measured once per loaded model."""
-    from .cache import KVCache
-    from .model import forward
+def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
+               warmup: int = 2) -> Dict[int, float]:
+    """Median seconds of one forward pass of each size in ``sizes``: the
+    model's own call (causal, contiguous positions) over a KV cache of
+    ``cached`` entries, the sizes interleaved, ``warmup`` untimed rounds
+    first. Results are kept on the model, so each (cache, size) is measured
+    once per loaded model."""
+    from mlx_lm.models.cache import make_prompt_cache
 
     memo = model.__dict__.setdefault("_memosight_pass_costs", {})
-    todo = [T for T in sizes if T not in memo]
+    todo = [T for T in sizes if (cached, T) not in memo]
     if todo:
         vocab = model.args.vocab_size
-        cache = KVCache.for_model(model)
-        cache.begin_pass(0, "causal")
-        mx.eval(forward(model, mx.array([[i % vocab for i in range(cached)]]), None, cache=cache))
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[i % vocab for i in range(cached)]]), cache=cache))
+        passes = {T: mx.array([[(7 * i + 3) % vocab for i in range(T)]]) for T in todo}
         times = {T: [] for T in todo}
-        for r in range(rounds + 2):
+        for r in range(warmup + rounds):
             for T in todo:
-                x = mx.array([[(7 * i + 3) % vocab for i in range(T)]])
-                cache.begin_pass(cached, "causal" if T > 1 else None)
                 tic = time.perf_counter()
-                mx.eval(forward(model, x, None, cache=cache))
-                if r >= 2:  # the first rounds warm up
+                mx.eval(model(passes[T], cache=cache))
+                if r >= warmup:
                     times[T].append(time.perf_counter() - tic)
-                cache.trim(T)
+                for c in cache:
+                    c.trim(T)
         for T, v in times.items():
-            memo[T] = statistics.median(v)
-    return {T: memo[T] for T in sizes}
+            # the median resists the odd slow pass when other work shares the machine
+            memo[cached, T] = statistics.median(v)
+    return {T: memo[cached, T] for T in sizes}

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 
 from .config import ConfigError
-from .backend import REFERENCE_BLAS, blas_library, describe
+from .backend import describe, reference_blas_in_use
 from .engine import GenerationError, choose_foresight_sets
 from .generate import _prompt_ids, load, make_engine
 from .scoring import eval_prompt, load_items, score
@@ -276,7 +276,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if mx.default_device() == mx.cpu and blas_library() == REFERENCE_BLAS:
+    if reference_blas_in_use():
         print("note: MLX's CPU products go through the reference BLAS here, where a pass costs "
               "more with every token it carries and drafting cannot pay; see README "
               "(examples/with_openblas.sh)", file=sys.stderr)

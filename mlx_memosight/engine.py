@@ -230,8 +230,8 @@ class Engine:
             foresight = compress = False
         g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
         self.draft_len = g if foresight else 0
-        if foresight_sets == "auto":
-            foresight_sets = choose_foresight_sets(model, self.draft_len)
+        if foresight_sets == "auto":  # only the fused schedule drafts with foresight sets
+            foresight_sets = choose_foresight_sets(model, self.draft_len if schedule == "fused" else 0)
         self.foresight_sets = foresight_sets
         self.compress = compress
         self.builder = PassBuilder(cfg)

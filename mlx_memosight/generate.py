@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as _MlxLmResponse
 
-from .backend import REFERENCE_BLAS, describe
+from .backend import describe, reference_blas_in_use
 from .config import ConfigError, MemoSightConfig
 from .engine import SCHEDULES, Engine, GenerationError, GenerationStats
 
@@ -232,7 +232,7 @@ def device_line(st: GenerationStats) -> str:
     """Where the generation ran; with MLX's reference CPU BLAS, why drafting
     saves little time there."""
     line = f"Device: {describe()}"
-    if st.drafted_tokens and describe() == f"cpu ({REFERENCE_BLAS})":
+    if st.drafted_tokens and reference_blas_in_use():
         line += (" - every token of a pass costs compute with this BLAS, so drafting saves "
                  "passes but little time (README: Speed on Linux)")
     return line
