@@ -21,13 +21,57 @@ from typing import Optional
 import torch
 
 from convert import torch_layout
-from mlx_memosight.config import (
-    FAMILY_DEFAULTS,
-    add_memosight_tokens,
-    build_config,
-    default_template,
-    description_ids,
-)
+
+# SPEC section 1, written here from the SPEC rather than imported from the
+# runtime, so that the tests that compare the two check one against the other.
+# The tokens MemoSight adds, in order, with the description whose mean
+# embedding initialises each new row.
+MEMOSIGHT_TOKENS = [
+    ("<|splitter|>", "\n\n"),
+    ("<|continue|>", "continue to output according to previous content"),
+    ("<|recover|>", "recover the token according to previous content"),
+    ("<|begin_of_thought|>", "begin of thought"),
+    ("<|end_of_thought|>", "end of thought"),
+    ("<|begin_of_solution|>", "begin of solution"),
+    ("<|end_of_solution|>", "end of solution"),
+    ("\n\n", "\n\n"),
+    ("<|register|>", "predict the future token"),
+] + [(f"<|o_{i}|>", f"compress output {i}") for i in range(300)]
+
+# Per family: the chat tokens of its prompt template (BOS, EOS) and the
+# reference's training defaults.
+FAMILIES = {
+    "qwen2": dict(bos="<|im_start|>", eos="<|im_end|>", compression_ratio=6, max_offset=2,
+                  lm_loss_weight=0.7, mtp_loss_weight=0.3),
+    "llama": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", compression_ratio=5, max_offset=3,
+                  lm_loss_weight=1.0, mtp_loss_weight=0.3),
+}
+PROMPTS = {
+    "qwen2": "{bos}system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+             "<|im_start|>assistant\n",
+    "llama": "{bos}<|start_header_id|>system<|end_header_id|>\n{system}<|eot_id|>"
+             "<|start_header_id|>user<|end_header_id|>\n{question}<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n",
+    # a tokenizer without the family's chat tokens: its own BOS / EOS
+    "plain": "{bos}{system}\n\nQuestion: {question}\n\nAnswer:\n",
+}
+
+
+def _known(tokenizer, token: str) -> bool:
+    """Whether the tokenizer maps ``token`` to an id of its own (not the
+    unknown token)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid is not None and not (tid == tokenizer.unk_token_id and token != tokenizer.unk_token)
+
+
+def template_tokens(family: str, tokenizer):
+    """``(prompt, bos, eos)``: the family's template when the tokenizer has its
+    chat tokens, else the plain one with the tokenizer's own BOS / EOS."""
+    f = FAMILIES[family]
+    if _known(tokenizer, f["eos"]) and _known(tokenizer, f["bos"]):
+        return PROMPTS[family], f["bos"], f["eos"]
+    return PROMPTS["plain"], tokenizer.bos_token, tokenizer.eos_token
+
 
 # Reasoning examples the checkpoints are trained on: (question, steps).
 EXAMPLES = [
@@ -118,10 +162,10 @@ def base_model(family: str, vocab: int, hidden: int, layers: int, heads: int,
     else:
         raise ValueError(f"family must be qwen2 or llama, not {family!r}")
     if tokenizer is not None:
-        template = default_template(family, tokenizer)
-        cfg.eos_token_id = tokenizer.convert_tokens_to_ids(template.eos)
-        if template.bos is not None:
-            cfg.bos_token_id = tokenizer.convert_tokens_to_ids(template.bos)
+        _, bos, eos = template_tokens(family, tokenizer)
+        cfg.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
+        if bos is not None:
+            cfg.bos_token_id = tokenizer.convert_tokens_to_ids(bos)
     return cls(cfg)
 
 
@@ -132,9 +176,10 @@ def add_tokens_as_reference(model, tokenizer) -> list:
     Returns:
         The ``(token, description)`` pairs that were added.
     """
-    added = add_memosight_tokens(tokenizer)
+    added = [(t, d) for t, d in MEMOSIGHT_TOKENS if not _known(tokenizer, t)]
     if not added:
         return added
+    tokenizer.add_tokens([t for t, _ in added], special_tokens=True)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -142,7 +187,7 @@ def add_tokens_as_reference(model, tokenizer) -> list:
     # Descriptions are tokenised after every token was added, and rows are set
     # from the last added token back to the first.
     for idx, (_, description) in enumerate(reversed(added), start=1):
-        ids = description_ids(tokenizer, description)
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(description))
         embed[-idx, :] = embed[ids].mean(dim=0)
         if not tied:
             head[-idx, :] = head[ids].mean(dim=0)
@@ -151,23 +196,23 @@ def add_tokens_as_reference(model, tokenizer) -> list:
 
 def training_examples(tokenizer, family: str, seed: int):
     """MemoSight training layouts of :data:`EXAMPLES` (``torch_layout``)."""
-    cfg = build_config(tokenizer, family)
-    ids = cfg.token_ids
+    f = FAMILIES[family]
+    prompt_text, bos, eos = template_tokens(family, tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    token_ids = {"foresight": ids("<|register|>"), "continue": ids("<|continue|>"), "eos": ids(eos),
+                 "memory": [ids(f"<|o_{i}|>") for i in range(300)]}
     rng = random.Random(seed)
     out = []
     for question, thoughts in EXAMPLES:
-        prompt = tokenizer.encode(cfg.template.render(question, system="Think step by step."),
-                                  add_special_tokens=False)
+        text = prompt_text.format(bos=bos or "", system="Think step by step.", question=question)
+        prompt = tokenizer.encode(text, add_special_tokens=False)
         steps = [tokenizer.encode(t + "\n" + "<|splitter|>", add_special_tokens=False)
                  for t in thoughts]
         thought_lens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in thoughts]
-        offset = rng.randint(0, cfg.max_offset)
-        out.append(torch_layout.training_layout(
-            prompt, steps, thought_lens,
-            {"foresight": ids.foresight, "continue": ids.continue_, "eos": ids.eos,
-             "memory": ids.memory},
-            cfg.compression_ratio, offset))
-    return cfg, out
+        offset = rng.randint(0, f["max_offset"])
+        out.append(torch_layout.training_layout(prompt, steps, thought_lens, token_ids,
+                                                f["compression_ratio"], offset))
+    return out
 
 
 def plain_examples(tokenizer):
@@ -316,13 +361,13 @@ def make_checkpoint(
     tok = load_tokenizer(tokenizer)
     model = base_model(family, len(tok), hidden, layers, heads, kv_heads, intermediate, tie,
                        seed, tok)
-    defaults = FAMILY_DEFAULTS[family]
+    defaults = FAMILIES[family]
     if memosight:
         added = add_tokens_as_reference(model, tok)
         model.config.vocab_size = len(tok)
         for key in ("mtp_loss_weight", "lm_loss_weight", "max_offset"):
             setattr(model.config, key, defaults[key])
-        _, examples = training_examples(tok, family, seed)
+        examples = training_examples(tok, family, seed)
         weights = (defaults["lm_loss_weight"], defaults["mtp_loss_weight"])
     else:
         added = []

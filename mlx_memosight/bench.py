@@ -15,7 +15,6 @@ the per-token KV curves and a summary as JSON, and PNG plots when matplotlib is
 installed.
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import mlx.core as mx
+from . import cli
+from .errors import MemoSightError
+from .options import GenerationOptions, add_arguments
 
-from .config import ConfigError
-from .backend import describe, reference_blas_in_use
-from .engine import GenerationError, choose_foresight_sets
-from .generate import _prompt_ids, load, make_engine
-from .scoring import eval_prompt, load_items, score
+
+class BenchError(MemoSightError):
+    """A MemoSight configuration committed other tokens than no-foresight."""
 
 
 @dataclass
@@ -85,6 +84,7 @@ class Row:
 
 def run_mlx_lm(model, tokenizer, ids, max_tokens, stop_ids) -> Run:
     """Plain greedy decoding with mlx-lm's own generator."""
+    import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     tokens = []
@@ -103,6 +103,8 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens, stop_ids) -> Run:
 
 
 def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
+    from .generation import make_engine
+
     engine = make_engine(model, tokenizer, model.memosight_config, **kw)
     tokens, curve = [], []
     for ev in engine.generate(ids, max_tokens):
@@ -190,6 +192,11 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
             (see :mod:`mlx_memosight.scoring`).
         repeats: timed repetitions per prompt (the fastest is kept).
     """
+    from .engine import choose_foresight_sets
+    from .generation import prompt_ids
+    from .loading import load
+    from .scoring import score
+
     model, tokenizer = load(model_path)
     cfg = model.memosight_config
     stop = set(getattr(tokenizer, "eos_token_ids", None) or [])
@@ -214,10 +221,10 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     warm = False
     for item in iterator:
         text = item.get("prompt", item["question"])
-        ids = _prompt_ids(tokenizer, text, cfg, system, raw_prompt)
+        ids = prompt_ids(tokenizer, text, cfg, system, raw_prompt)
         lm_model, lm_tok = plain if plain is not None else (model, tokenizer)
         lm_cfg = lm_model.memosight_config if plain is not None else cfg
-        lm_ids = _prompt_ids(lm_tok, text, lm_cfg, system, raw_prompt)
+        lm_ids = prompt_ids(lm_tok, text, lm_cfg, system, raw_prompt)
         lm_stop = set(getattr(lm_tok, "eos_token_ids", None) or [])
         if lm_cfg is not None:
             lm_stop.add(lm_cfg.token_ids.eos)
@@ -244,7 +251,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
             ref = best["no-foresight"].tokens
             for name in ("two-pass", "memosight"):
                 if best[name].tokens != ref:
-                    raise AssertionError(
+                    raise BenchError(
                         f"{name} committed other tokens than no-foresight on {item['question'][:40]!r}"
                     )
     return rows
@@ -256,7 +263,7 @@ def decode_answer(tokenizer, tokens, cfg) -> str:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mlx_memosight.bench", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="mlx_memosight.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="MemoSight model folder")
     p.add_argument("--plain-model", help="a plain (SFT) model for the mlx_lm row")
     src = p.add_mutually_exclusive_group(required=True)
@@ -265,31 +272,27 @@ def build_parser():
     p.add_argument("--limit", type=int, help="use the first N items of --data")
     p.add_argument("--system", help="system prompt (default: the template's)")
     p.add_argument("--raw-prompt", action="store_true", help="prompts are the full text, no template")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--draft-len", type=int)
-    p.add_argument("--foresight-sets", choices=("auto", "all", "last"), default="auto",
-                   help="foresight sets of the memosight row (see generate --help)")
+    add_arguments(p, GenerationOptions, ("max_tokens", "draft_len", "foresight_sets"), max_tokens=256)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (fastest kept)")
     p.add_argument("--out", help="folder for summary.json and the PNG plots")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def _bench(args):
+    from .backend import describe, reference_blas_in_use
+    from .scoring import eval_prompt, load_items
+
+    GenerationOptions.from_args(args)
     if reference_blas_in_use():
         print("note: MLX's CPU products go through the reference BLAS here, where a pass costs "
               "more with every token it carries and drafting cannot pay; see README "
               "(examples/with_openblas.sh)", file=sys.stderr)
-    try:
-        if args.prompt:
-            items = [{"question": q} for q in args.prompt]
-        else:
-            items = [dict(it, prompt=eval_prompt(it)) for it in load_items(args.data, limit=args.limit)]
-        rows = bench(args.model, items, args.max_tokens, args.draft_len, args.plain_model,
-                     args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
-    except (GenerationError, ConfigError, FileNotFoundError, AssertionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if args.prompt:
+        items = [{"question": q} for q in args.prompt]
+    else:
+        items = [dict(it, prompt=eval_prompt(it)) for it in load_items(args.data, limit=args.limit)]
+    rows = bench(args.model, items, args.max_tokens, args.draft_len, args.plain_model,
+                 args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
     summaries = [r.summary() for r in rows.values()]
     settings = rows["memosight"].settings if "memosight" in rows else {}
     print(f"device: {describe()}" + "".join(f", {k}: {v}" for k, v in settings.items()))
@@ -309,6 +312,10 @@ def main(argv=None):
         (out / "summary.json").write_text(json.dumps(payload, indent=2))
         for path in write_plots(rows, out):
             print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    cli.run(build_parser(), _bench, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ the weights lives in ``memosight.json`` beside ``config.json``.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .errors import ConfigError
+from .options import MAX_DRAFT_LEN
 
 CONFIG_FILE = "memosight.json"
 FORMAT_VERSION = 1
@@ -107,21 +110,10 @@ TEMPLATES: Dict[str, Template] = {
     ),
 }
 
+# The reference's settings per model family (SPEC section 1).
 FAMILY_DEFAULTS = {
-    "qwen2": dict(
-        template="qwen",
-        compression_ratio=6,
-        max_offset=2,
-        lm_loss_weight=0.7,
-        mtp_loss_weight=0.3,
-    ),
-    "llama": dict(
-        template="llama3",
-        compression_ratio=5,
-        max_offset=3,
-        lm_loss_weight=1.0,
-        mtp_loss_weight=0.3,
-    ),
+    "qwen2": dict(template="qwen", compression_ratio=6, max_offset=2, lm_loss_weight=0.7, mtp_loss_weight=0.3),
+    "llama": dict(template="llama3", compression_ratio=5, max_offset=3, lm_loss_weight=1.0, mtp_loss_weight=0.3),
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_DEFAULTS)
 DEFAULT_DRAFT_LEN = 2
@@ -129,8 +121,6 @@ DEFAULT_DRAFT_LEN = 2
 CHECKPOINT_EXTRA_KEYS = ("lm_loss_weight", "mtp_loss_weight", "max_offset")
 
 
-class ConfigError(ValueError):
-    """A MemoSight configuration problem, phrased for the user."""
 
 
 @dataclass
@@ -237,8 +227,8 @@ class MemoSightConfig:
             raise ConfigError(f"{source}: compression_ratio must be >= 1")
         if int(self.max_offset) < 0:
             raise ConfigError(f"{source}: max_offset must be >= 0")
-        if not 0 <= int(self.draft_len) <= 16:
-            raise ConfigError(f"{source}: draft_len must be between 0 and 16")
+        if not 0 <= int(self.draft_len) <= MAX_DRAFT_LEN:
+            raise ConfigError(f"{source}: draft_len must be between 0 and {MAX_DRAFT_LEN}")
         if self.max_memory_tokens < 1 or len(self.token_ids.memory) < self.max_memory_tokens:
             raise ConfigError(
                 f"{source}: max_memory_tokens={self.max_memory_tokens} but token_ids.memory "
@@ -326,26 +316,31 @@ def normalize_model_type(model_type: Optional[str]) -> str:
     return model_type
 
 
+def template_named(name: str, tokenizer) -> Template:
+    """A prompt template by name; ``plain`` takes the tokenizer's own BOS / EOS."""
+    if name not in TEMPLATES:
+        raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, not {name!r}", "template")
+    t = TEMPLATES[name]
+    if name == "plain":
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is None:
+            raise ConfigError("template=plain needs an EOS token, and the tokenizer has none",
+                              "template")
+        t = replace(t, bos=getattr(tokenizer, "bos_token", None), eos=eos)
+    return t
+
+
 def default_template(model_type: str, tokenizer) -> Template:
     """The family's template when the tokenizer has its chat tokens, else the
     plain template with the tokenizer's own BOS / EOS."""
-    name = FAMILY_DEFAULTS[model_type]["template"]
-    t = TEMPLATES[name]
+    t = TEMPLATES[FAMILY_DEFAULTS[model_type]["template"]]
     if _token_id(tokenizer, t.eos) is not None and (
         t.bos is None or _token_id(tokenizer, t.bos) is not None
     ):
         return t
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos is None:
+    if getattr(tokenizer, "eos_token", None) is None:
         raise ConfigError("tokenizer has neither chat tokens nor an EOS token")
-    plain = TEMPLATES["plain"]
-    return Template(
-        name=plain.name,
-        prompt=plain.prompt,
-        bos=getattr(tokenizer, "bos_token", None),
-        eos=eos,
-        system=plain.system,
-    )
+    return template_named("plain", tokenizer)
 
 
 def build_config(

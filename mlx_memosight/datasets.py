@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SPLITTER, MemoSightConfig
+from .errors import DataError
 from .layout import (
     IGNORE_INDEX,
     NEVER,
@@ -35,8 +36,6 @@ STEP_BOUNDARY = re.compile(r"\n\s*\n")
 SPLITS = ("train", "valid", "test")
 
 
-class DataError(ValueError):
-    """A data problem, phrased for the user (names the file and line)."""
 
 
 @dataclass
@@ -168,14 +167,14 @@ def load_splits(data, skip_bad_lines: bool = False, required=("train",)) -> Dict
     if data.is_file():
         return {"train": read_jsonl(data, skip_bad_lines)}
     if not data.is_dir():
-        raise DataError(f"{data}: no such file or folder (--data)")
+        raise DataError(f"data={data}: no such file or folder", "data")
     out = {}
     for split in SPLITS:
         path = data / f"{split}.jsonl"
         if path.exists():
             out[split] = read_jsonl(path, skip_bad_lines)
         elif split in required:
-            raise DataError(f"{path}: file not found (--data needs {split}.jsonl)")
+            raise DataError(f"{path}: file not found (data={data} needs {split}.jsonl)")
     return out
 
 
@@ -371,6 +370,15 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
     )
 
 
+def check_batch_size(dataset, batch_size: int, world_size: int = 1):
+    """A global batch must split evenly over the processes and fit the data set."""
+    if batch_size < 1 or batch_size % world_size:
+        raise DataError(f"batch_size={batch_size} must be a positive multiple of the number of "
+                        f"processes ({world_size})", "batch_size")
+    if dataset is not None and len(dataset) < batch_size:
+        raise DataError(f"{dataset.name}: {len(dataset)} examples, fewer than batch_size={batch_size}")
+
+
 class BatchIterator:
     """mlx-lm's ``iterate_batches`` for MemoSight data sets.
 
@@ -408,15 +416,7 @@ class BatchIterator:
 
     @staticmethod
     def global_batches(dataset, batch_size: int, world_size: int = 1) -> List[np.ndarray]:
-        if batch_size % world_size:
-            raise DataError(
-                f"--batch-size {batch_size} must be divisible by the number of processes "
-                f"({world_size})"
-            )
-        if len(dataset) < batch_size:
-            raise DataError(
-                f"{dataset.name}: {len(dataset)} examples, fewer than --batch-size {batch_size}"
-            )
+        check_batch_size(dataset, batch_size, world_size)
         idx = np.argsort(dataset.lengths(), kind="stable")
         return [idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
 

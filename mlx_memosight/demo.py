@@ -45,8 +45,8 @@ def demo_model_path() -> Path:
     """The folder of the demo model shipped with the package."""
     if not (DEMO_DIR / "config.json").exists():
         raise ConfigError(
-            f"no --model given and the demo model is not installed ({DEMO_DIR} is missing); "
-            "pass --model PATH"
+            f"no model given and the demo model is not installed ({DEMO_DIR} is missing); "
+            "give model=PATH"
         )
     return DEMO_DIR
 

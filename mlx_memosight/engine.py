@@ -20,7 +20,7 @@ mlx-lm's speculative decoding does), so drafting never changes the output.
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -28,13 +28,12 @@ import numpy as np
 from .backend import pass_costs
 from .cache import KVCache
 from .config import MemoSightConfig
+from .errors import GenerationError
 from .kernels import CompactMask
 from .layout import Pass, PassBuilder, StepState
 from .model import TokenPositions, forward
-
-SCHEDULES = ("fused", "two-pass")
-FORESIGHT_SETS = ("auto", "all", "last")
-MAX_DRAFT_LEN = 16
+from .options import GenerationOptions
+from .sampling import select
 
 
 # "all" puts a foresight set after every draft prefix. On the demo model "last"
@@ -56,8 +55,6 @@ def choose_foresight_sets(model, draft_len: int) -> str:
     return "all" if costs[t_all] <= ALL_SETS_WORTH * costs[t_last] else "last"
 
 
-class GenerationError(ValueError):
-    """Bad generation input, phrased for the user."""
 
 
 @dataclass
@@ -79,19 +76,19 @@ class GenerationStats:
     decoding would hold at the end (prompt plus every generated token)."""
 
     prompt_tokens: int = 0
-    generated_tokens: int = 0
-    forward_passes: int = 0
+    prompt_time: float = 0.0
     prefill_passes: int = 0
+    generated_tokens: int = 0
+    generation_time: float = 0.0
+    forward_passes: int = 0
     drafted_tokens: int = 0
     accepted_draft_tokens: int = 0
+    finish_reason: Optional[str] = None
     compress_events: int = 0
     peak_kv_tokens: int = 0
     final_kv_tokens: int = 0
     plain_kv_tokens: int = 0
-    prompt_time: float = 0.0
-    generation_time: float = 0.0
     peak_memory_gb: float = 0.0
-    finish_reason: Optional[str] = None
 
     @property
     def prompt_tps(self) -> float:
@@ -115,67 +112,6 @@ class GenerationStats:
         return d
 
 
-class Selector:
-    """Turns logits rows into tokens: repetition penalty, then greedy or
-    sampling through mlx-lm's sampler.
-
-    The repetition penalty follows the reference evaluation: every token of the
-    prompt and of the output so far (minus the tokenizer's special ids) is
-    penalised once, positive logits divided by the penalty and negative ones
-    multiplied.
-    """
-
-    def __init__(self, vocab_size: int, temp: float = 0.0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, exempt_ids: Sequence[int] = ()):
-        self.temp = temp
-        self.penalty = repetition_penalty
-        self.vocab_size = vocab_size
-        self.sampler = None
-        if temp > 0:
-            from mlx_lm.sample_utils import make_sampler
-
-            self.sampler = make_sampler(temp=temp, top_p=top_p)
-        self.seen = None
-        if repetition_penalty != 1.0:
-            eligible = np.ones(vocab_size, bool)
-            ex = [i for i in exempt_ids if 0 <= i < vocab_size]
-            eligible[ex] = False
-            self.eligible = mx.array(eligible)
-            self.seen = mx.zeros((vocab_size,), mx.bool_)
-
-    def observe(self, tokens):
-        """Add committed tokens to the penalised history."""
-        if self.seen is None:
-            return
-        t = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), mx.int32)
-        if t.size == 0:
-            return
-        hit = mx.zeros((self.vocab_size,), mx.bool_)
-        hit[t.reshape(-1)] = True
-        self.seen = self.seen | (hit & self.eligible)
-
-    def history(self, prefix: mx.array) -> mx.array:
-        """``(R, V)`` histories: row ``i`` adds ``prefix[: i + 1]`` to the
-        committed history."""
-        R = prefix.shape[0]
-        onehot = mx.arange(self.vocab_size)[None] == prefix.reshape(-1, 1)
-        cum = mx.cumsum(onehot.astype(mx.int32), axis=0) > 0
-        return self.seen[None] | (cum & self.eligible[None]) if R else self.seen[None]
-
-    def __call__(self, logits: mx.array, history: Optional[mx.array] = None) -> mx.array:
-        """Tokens ``(R,)`` for logits ``(R, V)``; ``history`` ``(R, V)``
-        (defaults to the committed history for every row)."""
-        logits = logits.astype(mx.float32)
-        if self.seen is not None:
-            h = self.seen[None] if history is None else history
-            p = self.penalty
-            logits = mx.where(h, mx.where(logits > 0, logits / p, logits * p), logits)
-        if self.sampler is None:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs)
-
-
 class Engine:
     """Decodes with MemoSight drafting and compression over one KV cache.
 
@@ -196,33 +132,30 @@ class Engine:
             token in a pass costs compute, as with MLX's Linux wheel and its
             reference BLAS); ``"auto"`` times both pass sizes once per loaded
             model and picks (:func:`choose_foresight_sets`).
-        temp, top_p: sampling (greedy when ``temp == 0``).
-        repetition_penalty: 1.0 disables it; 1.1 reproduces the reference
-            evaluation.
-        exempt_ids: ids never penalised (the tokenizer's special ids).
-        stop_ids: ids that end generation (the template's EOS is always one).
         prefill_step_size: prompt chunk size.
+        sampler: mlx-lm's sampler (``sampler(logprobs) -> tokens``); None
+            decodes greedily.
+        logits_processors: mlx-lm's logits processors
+            (``processor(tokens, logits) -> logits``); each row of a pass is
+            processed with its own history (prompt, committed tokens and the
+            draft prefix before it), which starts afresh with each generation.
+        stop_ids: ids that end generation (the template's EOS is always one).
         max_position: the model's context; generation stops before it.
+
+    The MemoSight settings are checked against
+    :class:`mlx_memosight.options.GenerationOptions` (the error names the
+    parameter).
     """
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
-                 foresight_sets: str = "auto",
-                 temp: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 exempt_ids: Sequence[int] = (), stop_ids: Sequence[int] = (),
-                 prefill_step_size: int = 512, max_position: Optional[int] = None):
-        if schedule not in SCHEDULES:
-            raise GenerationError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
-        if foresight_sets not in FORESIGHT_SETS:
-            raise GenerationError(
-                f"--foresight-sets must be one of {', '.join(FORESIGHT_SETS)}, not {foresight_sets!r}"
-            )
-        if draft_len is not None and not 0 <= draft_len <= MAX_DRAFT_LEN:
-            raise GenerationError(f"--draft-len must be between 0 and {MAX_DRAFT_LEN}, got {draft_len}")
-        if repetition_penalty <= 0:
-            raise GenerationError(f"--repetition-penalty must be positive, got {repetition_penalty}")
-        if temp < 0:
-            raise GenerationError(f"--temp must be >= 0, got {temp}")
+                 foresight_sets: str = "auto", prefill_step_size: int = 512,
+                 sampler: Optional[Callable] = None, logits_processors: Sequence[Callable] = (),
+                 stop_ids: Sequence[int] = (), max_position: Optional[int] = None):
+        for name, value in (("draft_len", draft_len), ("foresight", foresight), ("compress", compress),
+                            ("schedule", schedule), ("foresight_sets", foresight_sets),
+                            ("prefill_step_size", prefill_step_size)):
+            GenerationOptions.check(name, value)
         self.model = model
         self.cfg = cfg
         self.schedule = schedule
@@ -235,8 +168,9 @@ class Engine:
         self.foresight_sets = foresight_sets
         self.compress = compress
         self.builder = PassBuilder(cfg)
-        vocab = model.args.vocab_size
-        self.selector = Selector(vocab, temp, top_p, repetition_penalty, exempt_ids)
+        self.sampler = sampler
+        self.processors = list(logits_processors or ())
+        self._tokens: Optional[mx.array] = None  # prompt + committed tokens, for the processors
         self.stop_ids = set(int(i) for i in stop_ids)
         if cfg is not None:
             self.stop_ids.add(cfg.token_ids.eos)
@@ -281,6 +215,26 @@ class Engine:
             mx.eval([c.keys for c in self.cache.layers])
             start += len(chunk)
 
+    # -- selection -----------------------------------------------------------
+    def _commit(self, tokens):
+        """Add committed tokens (ints, or a lazy token array) to the history
+        the logits processors see."""
+        if self.processors:
+            t = tokens if isinstance(tokens, mx.array) else mx.array(tokens, mx.int32)
+            self._tokens = mx.concatenate([self._tokens, t.reshape(-1).astype(mx.int32)])
+
+    def _select(self, logits: mx.array, prefixes=None, groups=None) -> mx.array:
+        """Tokens for logits rows ``(R, V)``. Without processors only the
+        sampler matters; with them, rows of group ``j`` see the committed
+        history followed by ``prefixes[j]``."""
+        if not self.processors:
+            return select(logits, self.sampler)
+        if prefixes is None:
+            histories = [self._tokens]
+        else:
+            histories = [mx.concatenate([self._tokens, mx.array(x, mx.int32)]) for x in prefixes]
+        return select(logits, self.sampler, self.processors, histories, groups)
+
     # -- the loop ------------------------------------------------------------
     def generate(self, prompt: Sequence[int], max_tokens: int) -> Iterator[TokenEvent]:
         """Yield the committed tokens one by one.
@@ -293,8 +247,7 @@ class Engine:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise GenerationError("the prompt is empty")
-        if max_tokens < 1:
-            raise GenerationError(f"--max-tokens must be at least 1, got {max_tokens}")
+        GenerationOptions.check("max_tokens", max_tokens)
         if self.max_position is not None and len(prompt) >= self.max_position:
             raise GenerationError(
                 f"the prompt has {len(prompt)} tokens but the model's context is "
@@ -304,8 +257,8 @@ class Engine:
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         tic = time.perf_counter()
         logits = self._prefill(prompt)
-        self.selector.observe(prompt)
-        anchor = int(self.selector(logits)[0].item())
+        self._tokens = mx.array(prompt, mx.int32) if self.processors else None
+        anchor = int(self._select(logits)[0].item())
         self.stats.prompt_time = time.perf_counter() - tic
         tic = time.perf_counter()
         P = len(prompt)
@@ -326,7 +279,7 @@ class Engine:
     def _loop(self, s: "_State", max_tokens: int) -> Iterator[TokenEvent]:
         committed = 1
         compressed = False
-        self.selector.observe([s.anchor])
+        self._commit([s.anchor])
         yield self._event(s.anchor)
         lookahead = None  # plain decoding: the pass feeding the anchor is already issued
         while True:
@@ -377,14 +330,14 @@ class Engine:
         logits = forward(self.model, token.reshape(1, 1), None, cache=self.cache)
         self.stats.forward_passes += 1
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.cache.length)
-        return self.selector(logits[0])
+        return self._select(logits[0])
 
     def _plain_step(self, s: "_State", lookahead, speculate: bool):
         """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
         token is issued before that token is read back, so the device never
         waits for Python. Returns the pass already issued for the new anchor."""
         y = lookahead if lookahead is not None else self._decode_lazy(mx.array([s.anchor]), s.position)
-        self.selector.observe(y)
+        self._commit(y)
         ahead = None
         if speculate:
             ahead = self._decode_lazy(y, s.position + 1)
@@ -402,7 +355,7 @@ class Engine:
         logits = self._run(p, rows)
         self.stats.forward_passes += 1
         self.stats.compress_events += 1
-        tokens = self.selector(logits).tolist()
+        tokens = self._select(logits).tolist()
         self.cache.trim(len(p) - p.keep)
         self.cache.evict(*p.evict)
         L = start_len - s.step.start_slot + 1
@@ -411,7 +364,7 @@ class Engine:
         s.anchor = int(tokens[0])
         s.position = begin
         s.drafts = [int(t) for t in tokens[1:]]
-        self.selector.observe([s.anchor])
+        self._commit([s.anchor])
 
     def _acceptable(self, draft: int) -> bool:
         return draft not in self.stop_ids and not (self.compress and draft == self.splitter)
@@ -429,12 +382,10 @@ class Engine:
         logits = self._run(p, rows)
         self.stats.forward_passes += 1
         self.stats.drafted_tokens += k
-        history = None
-        if self.selector.seen is not None:
-            h = self.selector.history(mx.array(p.tokens[: k + 1]))
-            parts = [h] + [mx.repeat(h[j : j + 1], g, axis=0) for j in p.foresight_prefixes]
-            history = mx.concatenate(parts)
-        tokens = self.selector(logits, history).tolist()
+        # row i of the verified block follows the anchor and drafts[:i]; a
+        # foresight set follows the prefix it was placed after
+        groups = list(range(k + 1)) + [j for j in p.foresight_prefixes for _ in range(g)]
+        tokens = self._select(logits, [p.tokens[: i + 1] for i in range(k + 1)], groups).tolist()
         n = 0
         while n < k and drafts[n] == tokens[n] and self._acceptable(drafts[n]):
             n += 1
@@ -447,7 +398,7 @@ class Engine:
         if n in p.foresight_prefixes:
             start = k + 1 + p.foresight_prefixes.index(n) * g
             s.drafts = [int(t) for t in tokens[start : start + g]]
-        self.selector.observe(accepted + [s.anchor])
+        self._commit(accepted + [s.anchor])
         return accepted, [s.anchor]
 
     def _two_pass(self, s: "_State", budget: int):
@@ -459,12 +410,12 @@ class Engine:
             p = self.builder.decode(s.anchor, s.position, self.cache.length, (), self.draft_len)
             logits = self._run(p, np.concatenate([p.exact_rows] + p.foresight_rows))
             self.stats.forward_passes += 1
-            tokens = self.selector(logits).tolist()
+            tokens = self._select(logits).tolist()
             self.cache.trim(self.draft_len)
             s.anchor = int(tokens[0])
             s.position += 1
             s.drafts = [int(t) for t in tokens[1:]]
-            self.selector.observe([s.anchor])
+            self._commit([s.anchor])
             return [], [s.anchor]
         accepted, new = self._fused(s, budget, 0)
         s.drafts = None

@@ -12,26 +12,27 @@ stopped. A summary follows: accuracy, output tokens, peak KV entries,
 compress events, draft acceptance and wall time.
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from .config import ConfigError
-from .engine import GenerationError
+from . import cli
+from .errors import EvaluateError
+from .options import GenerationOptions, add_arguments
 from .scoring import eval_prompt, extract_boxed, gold_answer, load_items, score
 
 DEFAULT_MAX_TOKENS = 1024
+# What each per-item record keeps of the generation's statistics.
+RECORD_STATS = ("peak_kv_tokens", "plain_kv_tokens", "compress_events", "forward_passes",
+                "drafted_tokens", "accepted_draft_tokens", "finish_reason")
 # Settings that change the generated text; a results file holds one setting.
 SETTINGS = ("max_tokens", "repetition_penalty", "foresight", "compress", "draft_len", "system")
 
 
-class EvaluateError(ValueError):
-    """A problem with the evaluation's files or flags, phrased for the user."""
 
 
 def item_id(item: dict) -> str:
@@ -65,7 +66,7 @@ def read_results(path: Path) -> List[dict]:
                 with open(path, "r+b") as f:
                     f.truncate(good_bytes)
                 break
-            raise EvaluateError(f"{path}:{n}: not a result line ({e}); use another --out")
+            raise EvaluateError(f"{path}:{n}: not a result line ({e}); use another out=FILE")
         records.append(rec)
         good_bytes += len(line) + 1
     return records
@@ -78,29 +79,32 @@ def check_resumable(records: List[dict], items: Dict[str, dict], settings: dict,
         if item is not None and rec.get("question") != item["question"]:
             raise EvaluateError(
                 f"{path}: holds results of another eval file (item {rec['id']} has another "
-                f"question); use another --out"
+                f"question); use another out=FILE"
             )
         old = rec.get("settings", {})
         diff = [k for k in SETTINGS if k in old and old[k] != settings[k]]
         if diff:
             raise EvaluateError(
                 f"{path}: was written with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
-                f"use another --out"
+                f"use another out=FILE"
             )
 
 
 def evaluate_item(model, tokenizer, item: dict, settings: dict) -> dict:
     """Generate an answer to one item and score it."""
-    from .generate import generate
+    from .generation import generate, special_ids
+    from .options import GenerationOptions
 
+    options = GenerationOptions(max_tokens=settings["max_tokens"], draft_len=settings["draft_len"],
+                                foresight=settings["foresight"], compress=settings["compress"],
+                                repetition_penalty=settings["repetition_penalty"])
     tic = time.perf_counter()
     result = generate(
-        model, tokenizer, eval_prompt(item), settings["max_tokens"], system=settings["system"],
-        draft_len=settings["draft_len"], foresight=settings["foresight"], compress=settings["compress"],
-        repetition_penalty=settings["repetition_penalty"],
+        model, tokenizer, eval_prompt(item), options.max_tokens, system=settings["system"],
+        logits_processors=options.logits_processors(special_ids(tokenizer)), **options.engine_options(),
     )
     wall = time.perf_counter() - tic
-    st = result.stats
+    st = result.stats.to_dict()
     return dict(
         id=item_id(item),
         subject=item.get("subject", ""),
@@ -108,16 +112,10 @@ def evaluate_item(model, tokenizer, item: dict, settings: dict) -> dict:
         answer=gold_answer(item),
         prediction=extract_boxed(result.text),
         correct=bool(score(result.text, item)),
-        output_tokens=st.generated_tokens,
-        peak_kv_tokens=st.peak_kv_tokens,
-        plain_kv_tokens=st.plain_kv_tokens,
-        compress_events=st.compress_events,
-        forward_passes=st.forward_passes,
-        drafted_tokens=st.drafted_tokens,
-        accepted_draft_tokens=st.accepted_draft_tokens,
-        finish_reason=st.finish_reason,
+        output_tokens=st["generated_tokens"],
+        **{k: st[k] for k in RECORD_STATS},
         wall_time=round(wall, 4),
-        generation_tps=round(st.generation_tps, 2),
+        generation_tps=round(st["generation_tps"], 2),
         output=result.text,
         settings=settings,
     )
@@ -165,17 +163,16 @@ def format_summary(s: dict) -> str:
 
 def run(args) -> dict:
     """Evaluate as the command line asks; returns the summary."""
-    from .generate import load, resolve_model
+    from .loading import load, resolve_model
 
     if args.limit is not None and args.limit < 1:
-        raise EvaluateError(f"--limit must be at least 1, got {args.limit}")
-    if args.max_tokens < 1:
-        raise EvaluateError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        raise EvaluateError(f"limit must be at least 1, got {args.limit}", "limit")
+    GenerationOptions.from_args(args)
     items = load_items(args.data, limit=args.limit)
     by_id = {item_id(it): it for it in items}
     settings = dict(
         max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty,
-        foresight=not args.no_foresight, compress=not args.no_compress, draft_len=args.draft_len,
+        foresight=args.foresight, compress=args.compress, draft_len=args.draft_len,
         system=args.system,
     )
     out = Path(args.out) if args.out else None
@@ -217,8 +214,8 @@ def run(args) -> dict:
     return summarize(results)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser():
+    p = cli.ArgumentParser(
         prog="mlx_memosight.evaluate",
         description="Evaluate a model on an eval set with the reference's prompt and scoring.",
     )
@@ -227,28 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval file: the reference's JSON format (subject -> items) or JSON lines")
     p.add_argument("--limit", type=int, help="evaluate the first N items")
     p.add_argument("--out", help="per-item results (JSON lines); rerunning with it continues")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="1.1 reproduces the reference evaluation")
-    p.add_argument("--no-foresight", action="store_true", help="do not draft")
-    p.add_argument("--no-compress", action="store_true", help="do not compress finished steps")
-    p.add_argument("--draft-len", type=int, help="foresight tokens per draft (default: memosight.json)")
+    add_arguments(p, GenerationOptions, ("max_tokens", "repetition_penalty", "foresight", "compress",
+                                         "draft_len"), max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--system", help="system prompt (default: the model's template's)")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def _evaluate(args):
     try:
         summary = run(args)
     except KeyboardInterrupt:
-        where = f"; rerun with --out {args.out} to continue" if args.out else ""
-        print(f"\ninterrupted{where}", file=sys.stderr)
-        sys.exit(130)
-    except (EvaluateError, ConfigError, GenerationError, FileNotFoundError) as e:
-        print(f"mlx_memosight.evaluate: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise KeyboardInterrupt(f"rerun with --out {args.out} to continue" if args.out else "")
     print(format_summary(summary))
+
+
+def main(argv=None):
+    cli.run(build_parser(), _evaluate, argv)
 
 
 if __name__ == "__main__":

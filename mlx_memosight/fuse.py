@@ -8,33 +8,39 @@ weights, ``config.json``, the tokenizer and ``memosight.json``, and loads with
 ``mlx_memosight.load`` and ``mlx_lm.load``.
 """
 
-import argparse
-import sys
-
-from .config import ConfigError
-from .train import TrainError, fuse
+from . import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_memosight.fuse",
-                                description="Fuse MemoSight adapters into their base model.")
-    p.add_argument("--model", required=True, help="The model folder the adapters were trained from.")
-    p.add_argument("--adapter-path", default="adapters", help="Folder of the trained adapters.")
-    p.add_argument("--save-path", default="fused_model", help="Folder to write the fused model to.")
-    p.add_argument("--dequantize", action="store_true", help="Write a dequantised model.")
-    p.add_argument("--force", action="store_true", help="Replace an existing --save-path folder.")
+def build_parser():
+    p = cli.ArgumentParser(prog="mlx_memosight.fuse",
+                           description="Fuse MemoSight adapters into their base model.")
+    p.add_argument("--model", dest="model_path", required=True,
+                   help="the model folder the adapters were trained from")
+    p.add_argument("--adapter-path", default="adapters",
+                   help="folder of the trained adapters (default: %(default)s)")
+    p.add_argument("--save-path", default="fused_model",
+                   help="folder to write the fused model to (default: %(default)s)")
+    p.add_argument("--dequantize", action="store_true", help="write a dequantised model")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-path folder")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def _fuse(args):
+    from .errors import TrainError
+    from .train import fuse
+
     try:
-        path = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)
-    except (TrainError, ConfigError, ValueError) as e:
+        path = fuse(args.model_path, args.adapter_path, args.save_path, args.dequantize, args.force)
+    except ValueError as e:
+        if isinstance(e, cli.MemoSightError):
+            raise
         # mlx-lm's adapter checks list every tensor; the first line says what is wrong
-        print(f"mlx_memosight.fuse: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+        raise TrainError(str(e).splitlines()[0])
     print(f"Saved the fused model to {path}")
+
+
+def main(argv=None):
+    cli.run(build_parser(), _fuse, argv)
 
 
 if __name__ == "__main__":

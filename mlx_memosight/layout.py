@@ -335,6 +335,32 @@ class StepState:
     begin: int
 
 
+class _Rows:
+    """The rows of a pass being built: causal rows first (each sees the keys
+    before it and itself), then foresight sets."""
+
+    def __init__(self, tokens: List[int], positions: List[int], roles: List[int]):
+        n = len(tokens)
+        self.tokens, self.positions, self.roles = list(tokens), list(positions), list(roles)
+        self.slots_limits = [(i, i + 1) for i in range(n)]
+        self.until = [NEVER] * n
+
+    def foresight_set(self, foresight_id: int, base_position: int, prefix_limit: int, g: int) -> np.ndarray:
+        """Append ``g`` foresight tokens at positions ``base+1..base+g``, each
+        seeing the keys below ``prefix_limit`` and itself; returns their rows."""
+        rows = np.arange(len(self.tokens), len(self.tokens) + g)
+        self.tokens += [foresight_id] * g
+        self.positions += [base_position + i for i in range(1, g + 1)]
+        self.roles += [Role.FORESIGHT] * g
+        self.slots_limits += [(int(r), prefix_limit) for r in rows]
+        self.until += [int(r) + 1 for r in rows]
+        return rows
+
+    def arrays(self) -> dict:
+        return dict(tokens=np.array(self.tokens, np.int32), positions=np.array(self.positions, np.int32),
+                    roles=np.array(self.roles, np.int8))
+
+
 class PassBuilder:
     """Builds the decoder's passes for one configuration."""
 
@@ -369,15 +395,6 @@ class PassBuilder:
             keep=n,
         )
 
-    def _foresight_set(self, first_row, base_position, prefix_limit, g):
-        """``g`` foresight tokens at positions ``base+1..base+g``, each seeing
-        the keys below ``prefix_limit`` and itself."""
-        rows = np.arange(first_row, first_row + g)
-        slots_limits = [(int(r), prefix_limit) for r in rows]
-        positions = [base_position + i for i in range(1, g + 1)]
-        until = [int(r) + 1 for r in rows]
-        return rows, slots_limits, positions, until
-
     def decode(self, anchor: int, position: int, cache_len: int, drafts: Sequence[int] = (),
                draft_len: int = 0, prefixes: Optional[Sequence[int]] = None) -> Pass:
         """The fused pass: ``[a, d_1..d_k, F_0, .., F_k]``.
@@ -395,28 +412,14 @@ class PassBuilder:
         prefixes = list(range(k + 1)) if prefixes is None else sorted(set(prefixes))
         if any(not 0 <= j <= k for j in prefixes):
             raise ValueError(f"foresight prefixes {prefixes} outside 0..{k}")
-        tokens = [anchor] + list(drafts)
-        positions = [position + i for i in range(k + 1)]
-        roles = [Role.CONTENT] * (k + 1)
-        slots_limits = [(i, i + 1) for i in range(k + 1)]
-        until = [NEVER] * (k + 1)
-        sets = []
-        if g:
-            for j in prefixes:
-                rows, sl, ps, un = self._foresight_set(len(tokens), position + j, j + 1, g)
-                tokens += [self.ids.foresight] * g
-                positions += ps
-                roles += [Role.FORESIGHT] * g
-                slots_limits += sl
-                until += un
-                sets.append(rows)
+        rows = _Rows([anchor] + list(drafts), [position + i for i in range(k + 1)],
+                     [Role.CONTENT] * (k + 1))
+        sets = [rows.foresight_set(self.ids.foresight, position + j, j + 1, g) for j in prefixes] if g else []
         kind = "fused" if k else ("accelerate" if g else "decode")
         return Pass(
             kind=kind,
-            tokens=np.array(tokens, np.int32),
-            positions=np.array(positions, np.int32),
-            roles=np.array(roles, np.int8),
-            rule=self._rule(cache_len, slots_limits, until),
+            **rows.arrays(),
+            rule=self._rule(cache_len, rows.slots_limits, rows.until),
             exact_rows=np.arange(k + 1),
             foresight_rows=sets,
             foresight_prefixes=prefixes if g else [],
@@ -447,28 +450,16 @@ class PassBuilder:
             raise ValueError("compress pass outside a step")
         m = self.cfg.memory_count(L)
         b = step.begin
-        tokens = [self.ids.splitter] + self.ids.memory[:m] + [self.ids.continue_]
-        positions = [b + L - 1] + memory_positions(b, L, m) + [b + L]
-        roles = [Role.CONTENT] + [Role.MEMORY] * m + [Role.CONTINUE]
-        slots_limits = [(i, i + 1) for i in range(m + 2)]
-        until = [NEVER] * (m + 2)
+        rows = _Rows([self.ids.splitter] + self.ids.memory[:m] + [self.ids.continue_],
+                     [b + L - 1] + memory_positions(b, L, m) + [b + L],
+                     [Role.CONTENT] + [Role.MEMORY] * m + [Role.CONTINUE])
         cont = m + 1
-        sets = []
-        if draft_len:
-            rows, sl, ps, un = self._foresight_set(m + 2, b + L, cont + 1, draft_len)
-            tokens += [self.ids.foresight] * draft_len
-            positions += ps
-            roles += [Role.FORESIGHT] * draft_len
-            slots_limits += sl
-            until += un
-            sets.append(rows)
+        sets = [rows.foresight_set(self.ids.foresight, b + L, cont + 1, draft_len)] if draft_len else []
         hidden = (step.start_slot, cache_len + 1, cache_len + cont)
         return Pass(
             kind="compress",
-            tokens=np.array(tokens, np.int32),
-            positions=np.array(positions, np.int32),
-            roles=np.array(roles, np.int8),
-            rule=self._rule(cache_len, slots_limits, until, hidden),
+            **rows.arrays(),
+            rule=self._rule(cache_len, rows.slots_limits, rows.until, hidden),
             exact_rows=np.array([cont]),
             foresight_rows=sets,
             keep=m + 2,

@@ -19,16 +19,13 @@ No mlx-lm model file is copied or edited, weights keep mlx-lm's names, and
 ``mlx_lm.load`` / quantisation / LoRA keep working on the same objects.
 """
 
-import json
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
-from .config import SUPPORTED_FAMILIES, ConfigError, MemoSightConfig
 from .layout import attention_mask
 
 
@@ -182,72 +179,3 @@ def rule_mask(query_slot, query_limit, key_visible_until) -> mx.array:
     return attention_mask(
         mx.array(query_slot), mx.array(query_limit), mx.array(key_visible_until), xp=mx
     )
-
-
-# ----------------------------------------------------------------------------
-# Loading
-
-
-def normalize_hf_config(config: dict) -> dict:
-    """Bring a Hugging Face ``config.json`` into the shape mlx-lm reads.
-
-    transformers 5 writes ``rope_theta`` and the scaling settings under
-    ``rope_parameters``; mlx-lm only reads the top-level keys and silently
-    falls back to its defaults otherwise.
-    """
-    config = dict(config)
-    rp = config.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        config.setdefault("rope_theta", rp["rope_theta"])
-        rope_type = rp.get("rope_type", rp.get("type", "default"))
-        if rope_type != "default" and not config.get("rope_scaling"):
-            config["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-    return config
-
-
-def read_hf_config(model_path: Path) -> dict:
-    path = Path(model_path) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})")
-    if config.get("model_type") not in SUPPORTED_FAMILIES:
-        raise ConfigError(
-            f"{path}: model_type {config.get('model_type')!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
-        )
-    return config
-
-
-def load_model(model_path, lazy: bool = False):
-    """Load the weights of an mlx-lm model folder, MemoSight-ready.
-
-    Returns:
-        ``(model, config)`` where ``config`` is the normalised ``config.json``.
-    """
-    from mlx_lm.utils import load_model as _load_model
-
-    model_path = Path(model_path)
-    if not model_path.is_dir():
-        raise ConfigError(f"{model_path}: not a model folder")
-    normalized = normalize_hf_config(read_hf_config(model_path))
-    overrides = {k: normalized[k] for k in ("rope_theta", "rope_scaling") if k in normalized}
-    model, config = _load_model(model_path, lazy=lazy, model_config=overrides)
-    attach_token_rope(model)
-    return model, config
-
-
-def load(model_path, lazy: bool = False):
-    """Load a model folder with its tokenizer and MemoSight configuration.
-
-    Returns:
-        ``(model, tokenizer, memosight_config_or_None)``.
-    """
-    from mlx_lm.utils import load_tokenizer
-
-    model, config = load_model(model_path, lazy=lazy)
-    tokenizer = load_tokenizer(Path(model_path), eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer, MemoSightConfig.load(model_path)

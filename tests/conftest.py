@@ -1,12 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED = Path(os.environ.get("MEMOSIGHT_SHARED", ROOT.parent / "shared"))
 
@@ -30,9 +27,9 @@ def llama3_tokenizer_path():
 
 
 @pytest.fixture(scope="session", params=["qwen2", "llama"])
-def reasoner(request, tmp_path_factory):
-    """A tiny MemoSight model of each family trained here to emit splitters:
-    ``(path, task)``, shared by the whole session."""
-    from helpers import tiny_reasoner
+def reasoner(request):
+    """A tiny MemoSight model of each family trained to emit splitters
+    (``tests/data``, made by ``python tests/helpers.py``): ``(path, task)``."""
+    from helpers import shipped_reasoner
 
-    return tiny_reasoner(request.param, tmp_path_factory.mktemp(f"reasoner-{request.param}"))
+    return shipped_reasoner(request.param)

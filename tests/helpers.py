@@ -2,7 +2,6 @@
 
 import tempfile
 from pathlib import Path
-from pathlib import Path
 
 import numpy as np
 
@@ -214,10 +213,13 @@ def train_reasoner(model, task: Task, steps: int = 150, batch: int = 6, seed: in
     return losses
 
 
+REASONERS = Path(__file__).resolve().parent / "data"
+TASK_RANGE = (40, 52)
+
+
 def tiny_reasoner(family: str, path, steps: int = 150, ratio: int = 2):
     """Train and save a tiny MemoSight model folder (config, weights, tokenizer,
     memosight.json). Returns ``(path, task)``."""
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import save_config, save_model
 
     from mlx_memosight.config import add_memosight_tokens, build_config
@@ -234,7 +236,7 @@ def tiny_reasoner(family: str, path, steps: int = 150, ratio: int = 2):
                            max_offset=2, draft_len=2)
     model, args = mlx_model(family, len(tok))
     newline = tok.encode("\n", add_special_tokens=False)[-1]
-    task = Task(cfg, newline, 40, 52)
+    task = Task(cfg, newline, *TASK_RANGE)
     train_reasoner(model, task, steps=steps)
     path.mkdir(parents=True, exist_ok=True)
     save_model(path, model)
@@ -244,19 +246,36 @@ def tiny_reasoner(family: str, path, steps: int = 150, ratio: int = 2):
     return path, task
 
 
-def reference_decode(model, cfg, prompt, max_tokens, compress=True, selector=None):
+def shipped_reasoner(family: str):
+    """The tiny reasoner of ``family`` that :func:`tiny_reasoner` trained once
+    (``python tests/helpers.py`` writes them again). Returns ``(path, task)``."""
+    from transformers import AutoTokenizer
+
+    from mlx_memosight.config import MemoSightConfig
+
+    path = REASONERS / f"reasoner-{family}"
+    tok = AutoTokenizer.from_pretrained(str(path))
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    return path, Task(MemoSightConfig.load(path), newline, *TASK_RANGE)
+
+
+def reference_decode(model, cfg, prompt, max_tokens, compress=True, repetition_penalty=1.0,
+                     exempt_ids=()):
     """Greedy decoding with no cache: every token recomputes the whole visible
     sequence (prompt, finished steps with their memory tokens and continue, the
-    open step) under the layout's mask. The oracle of the cached engine."""
+    open step) under the layout's mask. The oracle of the cached engine.
+
+    The repetition penalty is the reference evaluation's, written here in
+    numpy: every distinct token of prompt and output so far, except
+    ``exempt_ids``, divides a positive logit by the penalty (multiplies a
+    negative one) once."""
     import mlx.core as mx
 
-    from mlx_memosight.engine import Selector
     from mlx_memosight.layout import build_training_sample
     from mlx_memosight.model import forward
 
     ids = cfg.token_ids
-    selector = selector or Selector(model.args.vocab_size)
-    selector.observe(prompt)
+    exempt = set(exempt_ids)
     out, finished, open_step = [], [], []
     while len(out) < max_tokens:
         if compress:
@@ -269,8 +288,12 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, selector=Non
         else:
             seq = list(prompt) + out
             logits = forward(model, seq, 0, "causal", rows=[len(seq) - 1])
-        t = int(selector(logits[0])[0].item())
-        selector.observe([t])
+        row = np.array(logits[0, 0].astype(mx.float32))
+        if repetition_penalty != 1.0:
+            for tok in set(prompt) | set(out):
+                if tok not in exempt:
+                    row[tok] = row[tok] / repetition_penalty if row[tok] > 0 else row[tok] * repetition_penalty
+        t = int(np.argmax(row))
         out.append(t)
         if t == ids.eos:
             break
@@ -282,6 +305,18 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, selector=Non
     return out
 
 
+def run_command(main, argv, capsys):
+    """Run a command's ``main(argv)`` in this process; returns ``(exit code,
+    stdout, stderr)``."""
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def split_steps(tokens, splitter):
     """Finished steps (ending with the splitter) of an output."""
     steps, cur = [], []
@@ -291,3 +326,14 @@ def split_steps(tokens, splitter):
             steps.append(cur)
             cur = []
     return steps
+
+
+if __name__ == "__main__":
+    # Train the tiny reasoners the tests use (about a minute each on two cores).
+    import shutil
+
+    for family in ("qwen2", "llama"):
+        dst = REASONERS / f"reasoner-{family}"
+        shutil.rmtree(dst, ignore_errors=True)
+        tiny_reasoner(family, dst)
+        print(f"wrote {dst}")

@@ -1,11 +1,9 @@
 """The side-by-side benchmark runs every configuration and checks losslessness."""
 
 import json
-import subprocess
-import sys
 
-from conftest import ROOT
-from mlx_memosight.bench import bench, format_table
+from helpers import run_command
+from mlx_memosight.bench import bench, format_table, main
 
 
 def test_bench_rows_and_outputs(reasoner, tmp_path):
@@ -27,18 +25,15 @@ def test_bench_rows_and_outputs(reasoner, tmp_path):
     assert f"{kv:.2f}x" in mine
 
 
-def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path):
+def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path, capsys):
     path, _ = reasoner
     out = tmp_path / "out"
-    r = subprocess.run(
-        [sys.executable, "-m", "mlx_memosight.bench", "--model", str(path), "--prompt", "go",
-         "--max-tokens", "20", "--out", str(out), "--plain-model", str(path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "memosight" in r.stdout
+    code, stdout, stderr = run_command(main, ["--model", path, "--prompt", "go", "--max-tokens", "20",
+                                              "--out", out, "--plain-model", path], capsys)
+    assert code == 0, stderr
+    assert "memosight" in stdout
     # the mlx_lm row (here of the given plain model) is the base of the ratios
-    assert "base: mlx_lm (plain model)" in r.stdout and "0.00x" not in r.stdout
+    assert "base: mlx_lm (plain model)" in stdout and "0.00x" not in stdout
     d = json.loads((out / "summary.json").read_text())
     assert {row["config"] for row in d["rows"]} >= {"mlx_lm (plain model)", "memosight"}
     assert (out / "kv_curve.png").stat().st_size > 1000

@@ -22,9 +22,16 @@ from helpers import make_bpe_tokenizer  # noqa: E402
 from mlx_memosight import convert as convert_mod  # noqa: E402
 from mlx_memosight.config import CONFIG_FILE, MemoSightConfig, build_config  # noqa: E402
 from mlx_memosight.layout import Role, build_training_sample, encode_steps  # noqa: E402
-from mlx_memosight.model import forward, load  # noqa: E402
+from mlx_memosight.loading import load_folder  # noqa: E402
+from mlx_memosight.model import forward  # noqa: E402
 
 F32_TOL = 1e-4
+
+
+def load(path):
+    """``(model, tokenizer, memosight config)`` of a converted folder."""
+    folder = load_folder(path)
+    return folder.model, folder.tokenizer, folder.memosight
 
 # name -> (make_checkpoint arguments, tokenizer: "bpe" or a ../shared tokenizer)
 CHECKPOINTS = {
@@ -266,7 +273,7 @@ def test_force_replaces_and_refuses_without_it(checkpoint, tmp_path, capsys):
         convert_mod.main([str(ckpt), "-o", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"mlx_memosight.convert: error: {out}: already exists (pass --force to replace it)"]
+    assert err == [f"mlx_memosight.convert: error: {out}: already exists (--force replaces it)"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     convert_mod.main([str(ckpt), "-o", str(out), "--force"])
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
@@ -342,7 +349,9 @@ def test_unwritable_out(checkpoint, tmp_path, capsys):
 
 
 def test_failed_verify_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(convert_mod, "TOLERANCE", {k: -1.0 for k in convert_mod.TOLERANCE})
+    from mlx_memosight.convert import verify
+
+    monkeypatch.setattr(verify, "TOLERANCE", {k: -1.0 for k in verify.TOLERANCE})
     ckpt = checkpoint("qwen2_bpe_bf16")
     capsys.readouterr()
     out = tmp_path / "out"

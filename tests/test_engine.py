@@ -1,17 +1,18 @@
 """The decode engine against a no-cache full recomputation, and its invariants."""
 
 import json
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.sample_utils import make_sampler
 
-from conftest import ROOT
-from helpers import reference_decode, split_steps
+from helpers import reference_decode, run_command, split_steps
 from mlx_memosight import generate, load, stream_generate
-from mlx_memosight.engine import Engine, GenerationError, Selector
+from mlx_memosight.engine import Engine
+from mlx_memosight.errors import MemoSightError
+from mlx_memosight.generate import main as generate_main
+from mlx_memosight.sampling import make_repetition_penalty
 
 MAX_TOKENS = 100
 
@@ -132,13 +133,31 @@ def test_repetition_penalty_matches_reference(loaded):
     _, task, model, tokenizer, cfg = loaded
     exempt = tokenizer.all_special_ids
     prompt = prompts(task, seed=5)[1]
-    ref = reference_decode(model, cfg, prompt, 80,
-                           selector=Selector(model.args.vocab_size, repetition_penalty=1.3, exempt_ids=exempt))
+    ref = reference_decode(model, cfg, prompt, 80, repetition_penalty=1.3, exempt_ids=exempt)
     plain, _, _ = run(model, cfg, prompt, 80)
-    for kw in (dict(foresight=False), dict(draft_len=3), dict(draft_len=2, schedule="two-pass")):
-        tokens, _, _ = run(model, cfg, prompt, 80, repetition_penalty=1.3, exempt_ids=exempt, **kw)
+    penalty = [make_repetition_penalty(1.3, exempt)]
+    for kw in (dict(foresight=False), dict(draft_len=3), dict(draft_len=3, foresight_sets="last"),
+               dict(draft_len=2, schedule="two-pass")):
+        tokens, _, _ = run(model, cfg, prompt, 80, logits_processors=penalty, **kw)
         assert tokens == ref
     assert ref != plain  # the penalty did something
+
+
+def test_penalty_history_starts_afresh_with_each_generation(loaded):
+    """One engine, two generations: the second sees only its own prompt and
+    output, so it equals a fresh engine's."""
+    _, task, model, tokenizer, cfg = loaded
+    first, second = prompts(task, n=2, seed=5)
+    engine = Engine(model, cfg, draft_len=2, logits_processors=[make_repetition_penalty(1.3)])
+    list(engine.generate(first, 60))
+    again = [ev.token for ev in engine.generate(second, 60)]
+    assert again == reference_decode(model, cfg, second, 60, repetition_penalty=1.3)
+
+
+def test_repetition_penalty_processor_formula():
+    logits = mx.array([[2.0, -2.0, 1.0, -1.0, 3.0]])
+    out = make_repetition_penalty(2.0, exempt_ids=[4])(mx.array([0, 1, 1, 4]), logits)
+    np.testing.assert_allclose(np.array(out), [[1.0, -4.0, 1.0, -1.0, 3.0]])
 
 
 def test_chunked_prefill(loaded):
@@ -167,9 +186,9 @@ def test_sampling_is_reproducible(loaded):
     outs = []
     for _ in range(2):
         mx.random.seed(42)
-        outs.append(run(model, cfg, prompt, 50, temp=1.0, top_p=0.9, draft_len=2)[0])
+        outs.append(run(model, cfg, prompt, 50, sampler=make_sampler(1.0, top_p=0.9), draft_len=2)[0])
     mx.random.seed(43)
-    other = run(model, cfg, prompt, 50, temp=1.0, draft_len=2)[0]
+    other = run(model, cfg, prompt, 50, sampler=make_sampler(1.0), draft_len=2)[0]
     assert outs[0] == outs[1]
     assert outs[0] != other
 
@@ -199,74 +218,71 @@ def test_stream_generate_api(loaded):
     [
         (dict(), [], "prompt is empty"),
         (dict(), [5] * 3000, "context is 2048"),
-        (dict(max_tokens=0), [5, 6], "--max-tokens must be at least 1"),
-        (dict(draft_len=-1), [5, 6], "--draft-len must be between 0 and 16"),
-        (dict(draft_len=17), [5, 6], "--draft-len must be between 0 and 16"),
+        (dict(max_tokens=0), [5, 6], "max_tokens must be at least 1"),
+        (dict(draft_len=-1), [5, 6], "draft_len must be between 0 and 16"),
+        (dict(draft_len=17), [5, 6], "draft_len must be between 0 and 16"),
+        (dict(schedule="three-pass"), [5, 6], "schedule must be one of fused, two-pass"),
+        (dict(prefill_step_size=0), [5, 6], "prefill_step_size must be at least 1"),
     ],
 )
 def test_bad_input(loaded, kwargs, prompt, message):
     _, _, model, _, cfg = loaded
     kwargs = dict(kwargs)
     max_tokens = kwargs.pop("max_tokens", 10)
-    with pytest.raises(GenerationError, match=message):
+    with pytest.raises(MemoSightError, match=message):
         list(Engine(model, cfg, **kwargs).generate(prompt, max_tokens))
 
 
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_memosight.generate", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
-
-
-def test_cli_streams_and_writes_stats(loaded, tmp_path):
+def test_cli_streams_and_writes_stats(loaded, tmp_path, capsys):
     path, task, model, tokenizer, cfg = loaded
     stats_file = tmp_path / "stats.json"
-    r = cli("--model", str(path), "--prompt", "count", "--max-tokens", "40", "--stats-json", str(stats_file))
-    assert r.returncode == 0, r.stderr
-    assert "tokens/s" in r.stderr and "compress events" in r.stderr
+    code, out, err = run_command(generate_main, ["--model", path, "--prompt", "count", "--max-tokens", "40",
+                                                 "--stats-json", stats_file], capsys)
+    assert code == 0, err
+    assert "tokens/s" in err and "compress events" in err
     d = json.loads(stats_file.read_text())
     for key in ("text", "token_ids", "generated_tokens", "forward_passes", "drafted_tokens",
                 "accepted_draft_tokens", "compress_events", "peak_kv_tokens", "final_kv_tokens",
                 "prompt_tps", "generation_tps", "peak_memory_gb"):
         assert key in d, key
     assert d["generated_tokens"] == len(d["token_ids"]) <= 40
-    assert r.stdout == d["text"] + "\n"
+    assert out == d["text"] + "\n"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens must be at least 1"),
-        (["--prompt", "  "], "prompt is empty"),
-        (["--prompt", "hi", "--draft-len", "17"], "--draft-len must be between 0 and 16"),
-        (["--prompt", "hi", "--draft-len", "-2"], "--draft-len must be between 0 and 16"),
+        (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", "hi", "--draft-len", "17"], "--draft-len must be between 0 and 16, got 17"),
+        (["--prompt", "hi", "--draft-len", "-2"], "--draft-len must be between 0 and 16, got -2"),
     ],
 )
-def test_cli_bad_input(loaded, args, message):
-    r = cli("--model", str(loaded[0]), *args)
-    assert r.returncode != 0
-    assert message in r.stderr and "Traceback" not in r.stderr
+def test_cli_bad_input(loaded, args, message, capsys):
+    code, _, err = run_command(generate_main, ["--model", loaded[0], *args], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == f"mlx_memosight.generate: error: {message}"
 
 
-def test_cli_unreadable_model(tmp_path):
-    r = cli("--model", str(tmp_path / "missing"), "--prompt", "hi")
-    assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+def test_cli_unreadable_model(tmp_path, capsys):
+    code, _, err = run_command(generate_main, ["--model", tmp_path / "missing", "--prompt", "hi"], capsys)
+    assert code == 1 and "missing" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
-    r = cli("--model", str(tmp_path / "empty"), "--prompt", "hi")
-    assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_command(generate_main, ["--model", tmp_path / "empty", "--prompt", "hi"], capsys)
+    assert code == 1 and "config.json" in err and "Traceback" not in err
 
 
-def test_plain_model_runs_plain_decoding(loaded, tmp_path):
+def test_plain_model_runs_plain_decoding(loaded, tmp_path, capsys):
     import shutil
 
     path = loaded[0]
     plain = tmp_path / "plain"
     shutil.copytree(path, plain)
     (plain / "memosight.json").unlink()
-    r = cli("--model", str(plain), "--prompt", "hi", "--max-tokens", "8")
-    assert r.returncode == 0, r.stderr
-    assert "plain decoding" in r.stderr
+    code, _, err = run_command(generate_main, ["--model", plain, "--prompt", "hi", "--max-tokens", "8"],
+                               capsys)
+    assert code == 0, err
+    assert "plain decoding" in err
     model, tokenizer = load(plain)
     assert model.memosight_config is None
     res = generate(model, tokenizer, [40, 41, 42], 8)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, shared_path
+from helpers import run_command
 from mlx_memosight import demo, evaluate
 from mlx_memosight.demo import demo_model_path
 from mlx_memosight.scoring import extract_boxed, score
@@ -16,9 +17,15 @@ RECORD_KEYS = {"id", "question", "answer", "prediction", "correct", "output_toke
                "compress_events", "drafted_tokens", "accepted_draft_tokens", "wall_time", "output"}
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mlx_memosight.evaluate", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+class Result:
+    def __init__(self, code, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = code, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``mlx_memosight.evaluate`` in this process."""
+    return lambda *args: Result(*run_command(evaluate.main, args, capsys))
 
 
 def lines(path):
@@ -32,7 +39,7 @@ def heldout(tmp_path_factory):
     return path
 
 
-def test_gsm8k_end_to_end(tmp_path):
+def test_gsm8k_end_to_end(tmp_path, cli):
     data = shared_path("eval", "gsm8k.json")
     out = tmp_path / "gsm8k.jsonl"
     r = cli("--data", data, "--limit", 5, "--max-tokens", 200, "--out", out)
@@ -51,7 +58,7 @@ def test_gsm8k_end_to_end(tmp_path):
     assert f"{s['accuracy']:.1%}" in r.stdout
 
 
-def test_demo_model_on_heldout_problems(heldout, tmp_path):
+def test_demo_model_on_heldout_problems(heldout, tmp_path, cli):
     out = tmp_path / "r.jsonl"
     r = cli("--data", heldout, "--out", out, "--max-tokens", 400)
     assert r.returncode == 0, r.stderr
@@ -112,7 +119,7 @@ def test_interrupt_leaves_a_valid_file(heldout, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "bad-json", "limit", "bad-results", "model"])
-def test_bad_input(case, heldout, tmp_path):
+def test_bad_input(case, heldout, tmp_path, cli):
     data, extra = heldout, []
     if case == "missing":
         data = tmp_path / "nope.jsonl"

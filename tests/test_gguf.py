@@ -18,6 +18,7 @@ from conftest import shared_path
 from helpers import CORPUS, mlx_model, reference_decode
 from mlx_memosight import generate, load
 from mlx_memosight.generate import main as generate_main
+from mlx_memosight.errors import MemoSightError
 from mlx_memosight.config import DOUBLE_NEWLINE, SPECIAL_TOKENS, ConfigError, add_memosight_tokens, build_config
 from mlx_memosight.gguf import CHECK_TEXT, GGUFError, export_gguf, llama_unpermute, load_gguf
 from mlx_memosight.layout import build_training_sample
@@ -385,14 +386,14 @@ def test_unsupported_types_are_clear_errors_and_write_nothing(reasoner, exported
     q4 = exported("q4_1").parent / "q4"
     q8 = quantized_copy(path, tmp_path / "q8", bits=8, group_size=64)
     for src, kind, message in (
-        (q4, "q8_0", "--gguf-type q8_0: .* holds MLX-quantised weights \\(4-bit group-32 affine\\)"),
-        (q4, "f16", "--gguf-type f16: "),
-        (q8, None, "--gguf-type: .*8-bit group-64 affine.*map to q4_1"),
-        (q8, "q4_1", "--gguf-type q4_1: "),
-        (path, "q5_k", "--gguf-type must be one of"),
+        (q4, "q8_0", "gguf_type=q8_0: .* holds MLX-quantised weights \\(4-bit group-32 affine\\)"),
+        (q4, "f16", "gguf_type=f16: "),
+        (q8, None, "gguf_type: .*8-bit group-64 affine.*map to q4_1"),
+        (q8, "q4_1", "gguf_type=q4_1: "),
+        (path, "q5_k", "gguf_type must be one of"),
     ):
         out = tmp_path / "out.gguf"
-        with pytest.raises(GGUFError, match=message):
+        with pytest.raises(MemoSightError, match=message):
             export_gguf(src, out, kind, progress=False, log=lambda *a: None)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]
     other = tmp_path / "other"
@@ -438,9 +439,9 @@ def test_convert_writes_the_folder_and_the_gguf_file(checkpoint, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-q", "--q-bits", "8"], "--gguf-type q4_1: -q makes 8-bit group-64 MLX weights"),
-    (["-q", "--q-group-size", "32"], "add --dtype float16"),
-    (["--gguf-type", "q4_0", "-q", "--q-group-size", "32"], "--gguf-type q4_0: -q makes"),
+    (["-q", "--q-bits", "8"], "--gguf-type q4_1: --quantize makes 8-bit group-64 MLX weights"),
+    (["-q", "--q-group-size", "32"], "add --dtype float16 to --quantize"),
+    (["--gguf-type", "q4_0", "-q", "--q-group-size", "32"], "--gguf-type q4_0: --quantize makes"),
     (["-o", "OUT", "--gguf", "missing/x.gguf"], "the folder .*missing does not exist"),
 ])
 def test_convert_refuses_before_converting(args, message, checkpoint, tmp_path, capsys):

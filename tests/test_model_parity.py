@@ -17,7 +17,8 @@ from mlx_memosight.layout import (  # noqa: E402
     build_training_sample,
     collate,
 )
-from mlx_memosight.model import TokenRoPE, forward, load_model, normalize_hf_config  # noqa: E402
+from mlx_memosight.loading import load_model, normalize_hf_config  # noqa: E402
+from mlx_memosight.model import TokenRoPE, forward  # noqa: E402
 
 TOL = 1e-4
 IDS = spec_token_ids()

@@ -1,6 +1,13 @@
-"""The repository's own contracts: CI runs the README's test command."""
+"""The repository's own contracts: CI runs the README's test command, the
+package has no import cycle, and the commands start light."""
 
+import ast
 import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -13,3 +20,74 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert command[0].strip() in [line.strip() for line in ci.splitlines()]
     assert "torch==2.13.0" in ci and ".[test]" in ci
+
+
+def _module_imports(package: Path):
+    """``{module: {modules it imports at load time}}`` within the package
+    (imports inside functions run later and cannot form a load-time cycle)."""
+    graph = {}
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        pkg = parts if path.name == "__init__.py" else parts[:-1]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                deps.add(target)
+                if not node.module:  # from . import x
+                    deps.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith(package.name))
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _module_imports(ROOT / "mlx_memosight")
+    assert len(graph) > 20
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            # a package's __init__ importing its own submodules is not a cycle
+            if m.startswith(d + ".") and graph.get(d) and m in graph[d]:
+                continue
+            if state.get(d) == "open":
+                raise AssertionError(" -> ".join(stack + [m, d]))
+            if d not in state:
+                visit(d, stack + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_commands_start_without_mlx():
+    """Every command module imports nothing heavy at load time, so Ctrl-C
+    during start-up reaches the command's own handler."""
+    code = ("import sys\n"
+            "import mlx_memosight.__main__ as m, importlib\n"
+            "for name in m.COMMANDS:\n"
+            "    importlib.import_module('mlx_memosight.' + name).build_parser()\n"
+            "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('mlx', 'mlx_lm', 'numpy', "
+            "'transformers', 'torch', 'gguf'))\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages one by one; a subpackage left out would be
+    missing from a plain `pip install .`."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mlx_memosight").rglob("__init__.py")}
+    assert found - {"mlx_memosight.demo_model"} <= listed

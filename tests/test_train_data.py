@@ -96,9 +96,9 @@ def test_empty_and_missing_data(tmp_path):
     with pytest.raises(DataError, match=r"no examples \(1 bad lines skipped\)"):
         read_jsonl(write(tmp_path / "bad.jsonl", ["{"]), skip_bad_lines=True)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match=r"train.jsonl: file not found \(--data needs train.jsonl\)"):
+    with pytest.raises(DataError, match=r"train.jsonl: file not found \(data=.*folder needs train.jsonl\)"):
         load_splits(tmp_path / "folder")
-    with pytest.raises(DataError, match=r"no such file or folder \(--data\)"):
+    with pytest.raises(DataError, match=r"data=.*nowhere: no such file or folder"):
         load_splits(tmp_path / "nowhere")
     write(tmp_path / "folder" / "train.jsonl", [{"question": "Q", "gt_output": "a"}])
     write(tmp_path / "folder" / "valid.jsonl", [{"question": "Q", "gt_output": "b"}])
@@ -218,7 +218,7 @@ def test_batch_rows_score_every_target_once():
 def test_batch_size_errors():
     cfg = MemoSightConfig(token_ids=IDS, template=TEMPLATES["qwen"], compression_ratio=2)
     ds = MemoSightDataset(samples_for(3), cfg, name="valid.jsonl")
-    with pytest.raises(DataError, match="valid.jsonl: 3 examples, fewer than --batch-size 4"):
+    with pytest.raises(DataError, match="valid.jsonl: 3 examples, fewer than batch_size=4"):
         next(BatchIterator(0.7, 0.3)(ds, 4))
-    with pytest.raises(DataError, match="--batch-size 3 must be divisible by the number of processes"):
+    with pytest.raises(DataError, match=r"batch_size=3 must be a positive multiple of the number of processes \(2\)"):
         next(BatchIterator(0.7, 0.3)(ds, 3, comm_group=Group(0, 2)))

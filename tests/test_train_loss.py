@@ -15,7 +15,7 @@ from helpers import hf_model, random_steps, save_hf_model, spec_token_ids, vocab
 from mlx_memosight.config import FAMILY_DEFAULTS, TEMPLATES, MemoSightConfig  # noqa: E402
 from mlx_memosight.datasets import BatchIterator, MemoSightDataset  # noqa: E402
 from mlx_memosight.layout import build_training_sample  # noqa: E402
-from mlx_memosight.model import load_model  # noqa: E402
+from mlx_memosight.loading import load_model  # noqa: E402
 from mlx_memosight.train import joint_loss, memosight_loss  # noqa: E402
 
 IDS = spec_token_ids()

@@ -9,8 +9,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_memosight.config import SPECIAL_TOKENS, ConfigError
+from mlx_memosight.errors import OutputError
 from mlx_memosight.train import (
-    TrainError,
     add_token_rows,
     load_base,
     memosight_token_rows,
@@ -120,7 +120,7 @@ def test_memosight_model_keeps_its_configuration(tmp_path):
     model, tok, hf_config, _ = load_base(path)
     cfg, _ = prepare(model, tok, hf_config, max_offset=1)
     saved = save_model(tmp_path / "ms", model, tok, hf_config, cfg)
-    with pytest.raises(TrainError, match=r"ms: already exists \(--save-path"):
+    with pytest.raises(OutputError, match=r"ms: already exists \(force=True replaces it\)"):
         save_model(saved, model, tok, hf_config, cfg)
     model2, tok2, hf2, cfg2 = load_base(saved)
     assert cfg2.to_dict() == cfg.to_dict() and hf2["max_offset"] == 1 and hf2["vocab_size"] == 609

@@ -15,7 +15,7 @@ import mlx_lm
 from mlx_memosight import lora as lora_cli
 from mlx_memosight import fuse as fuse_cli
 from mlx_memosight.datasets import MemoSightDataset, load_splits
-from mlx_memosight.model import load as memosight_load
+from mlx_memosight.loading import load_folder
 from mlx_memosight.train import TrainingOptions, evaluate, load_base, prepare, train
 from train_helpers import make_base_model, make_data, record, write_jsonl
 
@@ -81,7 +81,8 @@ def test_adapters_load_with_mlx_lm_and_fuse(trained, capsys):
     code, out, err = run_cli(fuse_cli.main, ["--model", workdir / "base", "--adapter-path",
                                              workdir / "adapters", "--save-path", fused_path], capsys)
     assert code == 0, err
-    model, tokenizer, cfg = memosight_load(fused_path)
+    folder = load_folder(fused_path)
+    model, tokenizer, cfg = folder.model, folder.tokenizer, folder.memosight
     assert cfg is not None and cfg.compression_ratio == 6 and cfg.template.name == "qwen"
     assert len(tokenizer) == 609 and tokenizer.convert_tokens_to_ids("<|splitter|>") == 300
     x = mx.array([[1, 40, 41, 300, 308, 309, 400, 2]])
@@ -106,7 +107,7 @@ def test_adapters_load_with_mlx_lm_and_fuse(trained, capsys):
     # an existing output folder is kept unless --force
     code, _, err = run_cli(fuse_cli.main, ["--model", workdir / "base", "--adapter-path",
                                            workdir / "adapters", "--save-path", fused_path], capsys)
-    assert code == 1 and "already exists (--save-path" in err and err.count("\n") == 1
+    assert code == 1 and "already exists (--force replaces it)" in err and err.count("\n") == 1
 
 
 def test_resume_starts_from_the_saved_adapters(trained, capsys):
@@ -135,7 +136,7 @@ def test_resume_with_adapters_of_another_model(trained, tmp_path, capsys):
             workdir / "adapters" / "adapters.safetensors"]
     code, _, err = run_cli(lora_cli.main, argv, capsys)
     assert code == 1 and err.count("\n") == 1
-    assert "adapters.safetensors: adapters of another model (--resume-adapter-file" in err
+    assert "--resume-adapter-file " in err and "adapters.safetensors: adapters of another model" in err
     assert not (tmp_path / "out").exists()
     # without the config beside them, the shapes tell
     lone = tmp_path / "lone"
@@ -178,7 +179,7 @@ def test_bad_data_errors_name_the_line(trained, tmp_path, capsys):
     assert code == 1 and "train.jsonl: no examples left (2 have no trained token within " \
         "--max-seq-length 50)" in err
     code, _, err = run_cli(lora_cli.main, base + ["--batch-size", 0], capsys)
-    assert code == 2 and "argument --batch-size" in err
+    assert code == 1 and "--batch-size must be at least 1, got 0" in err
     code, _, err = run_cli(lora_cli.main, base + ["--grad-accumulation-steps", 2, "--batch-size", 2], capsys)
     assert code == 1 and "--iters 1 must be a multiple of --grad-accumulation-steps 2" in err
 

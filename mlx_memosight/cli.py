@@ -1,0 +1,95 @@
+"""How every command runs and reports.
+
+:func:`run` parses the arguments and runs a command's body with one
+convention for all commands: bad input prints ``PROG: error: MESSAGE`` (one
+line, no traceback) and exits with 1; Ctrl-C prints ``PROG: interrupted``
+(and what was kept, when the interrupted code says so by raising
+``KeyboardInterrupt(message)``) and exits with 130, from the first moment on. Library
+errors name parameters (:mod:`mlx_memosight.errors`); here they are rewritten
+into the command's own flags. This module imports nothing heavy, so a command
+reaches its ``try`` before MLX is loaded.
+"""
+
+import argparse
+import re
+import sys
+from typing import Callable, Dict, Optional, Tuple
+
+from .errors import MemoSightError, one_line
+
+
+class UsageError(MemoSightError):
+    """A command line that asks for nothing or for contradictory things."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error line and exit status."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _flags(parser: argparse.ArgumentParser) -> Dict[str, Tuple[str, argparse.Action]]:
+    out = {}
+    for a in parser._actions:
+        if a.option_strings and a.dest not in out:
+            long = [s for s in a.option_strings if s.startswith("--")]
+            out[a.dest] = ((long or a.option_strings)[0], a)
+    return out
+
+
+_ASSIGNMENT = re.compile(r"(?<![\w.-])([a-z_][a-z0-9_]*)=([^\s,;:)]+)")
+
+
+def flag_message(e: BaseException, parser: Optional[argparse.ArgumentParser]) -> str:
+    """The error's one-line text with parameter names turned into ``parser``'s
+    flags: a leading ``param`` (the error's subject) becomes its flag, and
+    ``name=value`` advice becomes ``--name value`` (``--name`` for a switch)."""
+    message = one_line(e)
+    if parser is None:
+        return message
+    flags = _flags(parser)
+    param = getattr(e, "param", None)
+    if param in flags and message.startswith(param) and message[len(param):][:1] != "=":
+        message = flags[param][0] + message[len(param):]
+
+    def flag(m):
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        text, action = flags[name]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            on = isinstance(action, argparse._StoreTrueAction) == (value == "True")
+            return text if on else f"no {text}"
+        return f"{text} {value}"
+
+    return _ASSIGNMENT.sub(flag, message)
+
+
+def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Optional[int]],
+        argv=None) -> None:
+    """Parse ``argv`` and run ``body(args)`` under the error convention.
+
+    ``body`` imports what it needs itself, so that Ctrl-C during the imports
+    is caught too. Exits with ``body``'s return value when it is an int.
+    """
+    prog = parser.prog
+    try:
+        args = parser.parse_args(argv)
+        code = body(args)
+    except KeyboardInterrupt as e:
+        # a KeyboardInterrupt raised again with a message says what was kept
+        kept = str(e)
+        print(f"\n{prog}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        sys.exit(130)
+    except MemoSightError as e:
+        print(f"{prog}: error: {flag_message(e, parser)}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)

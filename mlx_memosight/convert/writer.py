@@ -1,0 +1,175 @@
+"""Writing the MLX model folder: tensors stream one at a time into safetensors
+files whose headers are known from the plan, so memory stays near the
+largest tensor rather than the largest shard."""
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..outputs import release_stream_cache
+from .checkpoint import ST_TO_MX, Checkpoint
+from .plan import Plan, TensorJob, _nbytes
+
+# mlx-lm writes weight files of at most 5 GB.
+MAX_SHARD_BYTES = 5 << 30
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+_MX_TO_ST = {v: k for k, v in ST_TO_MX.items()}
+_SAME_WIDTH_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file a tensor at a time.
+
+    The header is written first from the planned names, shapes and dtypes, so
+    no tensor has to stay in memory once its bytes are written (a whole-file
+    writer such as ``mx.save_safetensors`` holds the entire shard).
+    """
+
+    def __init__(self, path: Path, entries, metadata: Optional[dict] = None):
+        header = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, shape, dtype in entries:
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": _MX_TO_ST[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self.pending = list(entries)[::-1]
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+
+    def write(self, name: str, array: mx.array):
+        want_name, shape, dtype = self.pending.pop()
+        if (name, tuple(array.shape), array.dtype) != (want_name, tuple(shape), dtype):
+            raise RuntimeError(
+                f"{self.path.name}: expected {want_name} {list(shape)} {dtype}, got "
+                f"{name} {list(array.shape)} {array.dtype}"
+            )
+        if array.dtype.size in _SAME_WIDTH_UINT and array.dtype not in (mx.bool_,):
+            array = array.view(_SAME_WIDTH_UINT[array.dtype.size])
+        self.file.write(np.ascontiguousarray(np.asarray(array)).data)
+
+    def close(self):
+        if self.pending:
+            raise RuntimeError(f"{self.path.name}: {len(self.pending)} tensors were not written")
+        self.file.close()
+
+
+def shard_entries(entries, max_bytes: int) -> List[list]:
+    """Split the output tensors into files of at most ``max_bytes`` (a larger
+    tensor gets a file of its own), as mlx-lm does.
+
+    mlx-lm's ``make_shards`` does the same for arrays, but takes the limit in
+    whole gigabytes (it shifts it by 30 bits); the converter's limit is in
+    bytes, and its tests shard tiny models at a few kilobytes."""
+    shards, size = [], 0
+    for e in entries:
+        n = _nbytes(e[1], e[2])
+        if not shards or size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def _convert_tensor(job: TensorJob, x: mx.array) -> List[mx.array]:
+    if job.dtype is not None and mx.issubdtype(x.dtype, mx.floating):
+        x = x.astype(job.dtype)
+    if job.quantize is None:
+        return [x]
+    group_size, bits, mode = job.quantize
+    return list(mx.quantize(x, group_size, bits, mode=mode))[: len(job.outputs)]
+
+
+def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  progress: bool = True) -> List[str]:
+    """Stream the checkpoint's tensors into ``model*.safetensors`` files and
+    write ``model.safetensors.index.json``.
+
+    Returns:
+        The weight file names.
+    """
+    from tqdm import tqdm
+
+    shards = shard_entries(plan.entries, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    owner = {e[0]: i for i, s in enumerate(shards) for e in s}
+    by_file: Dict[int, List[TensorJob]] = {}
+    for job in plan.jobs:
+        by_file.setdefault(id(job.file), []).append(job)
+    bar = tqdm(total=len(plan.jobs), unit="tensor", desc="converting", disable=not progress,
+               file=sys.stderr)
+    current, writer = None, None
+    try:
+        for wf in ckpt.files:
+            jobs = by_file.get(id(wf), [])
+            for job, (_, x) in zip(jobs, wf.arrays([j.name for j in jobs])):
+                arrays = _convert_tensor(job, x)
+                mx.eval(arrays)
+                for name, a in zip(job.outputs, arrays):
+                    if owner[name] != current:
+                        if writer is not None:
+                            writer.close()
+                        current = owner[name]
+                        writer = SafetensorsWriter(out / names[current], shards[current],
+                                                   {"format": "mlx"})
+                    writer.write(name, a)
+                del arrays, x
+                release_stream_cache()
+                bar.update()
+        writer.close()
+    finally:
+        mx.clear_cache()
+        bar.close()
+        if writer is not None and not writer.file.closed:
+            writer.file.close()
+    index = {
+        "metadata": {"total_size": plan.nbytes},
+        "weight_map": {e[0]: names[owner[e[0]]] for e in sorted(plan.entries, key=lambda e: e[0])},
+    }
+    with open(out / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=4)
+    return names
+
+
+def write_mlx_model(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    progress: bool = True) -> List[str]:
+    """Write an mlx-lm model folder (weights, ``config.json``, tokenizer files)
+    and ``memosight.json`` into the existing folder ``out``.
+
+    Returns:
+        The weight file names.
+    """
+    from mlx_lm.utils import save_config
+
+    names = write_weights(ckpt, plan, out, max_shard_bytes, progress)
+    save_config(dict(plan.config), out / "config.json")
+    for f in TOKENIZER_FILES:
+        if (ckpt.path / f).exists():
+            shutil.copy(ckpt.path / f, out / f)
+    if ckpt.memosight is not None:
+        ckpt.memosight.save(out)
+    return names

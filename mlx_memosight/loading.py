@@ -1,0 +1,204 @@
+"""Loading: an MLX model folder or a ``.gguf`` file to model, tokenizer and
+MemoSight configuration, in one place that every command uses.
+
+* :func:`load` is the Python API (``model, tokenizer = load(path)``, as
+  mlx-lm's), with the MemoSight configuration on ``model.memosight_config``;
+* :func:`load_folder` returns everything a folder holds (used by training,
+  fusing and the GGUF export);
+* :func:`read_hf_config` / :func:`normalize_hf_config` read a Hugging Face
+  ``config.json`` the way mlx-lm needs it.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import CONFIG_FILE, SUPPORTED_FAMILIES, ConfigError, MemoSightConfig
+from .errors import one_line
+
+
+@dataclass
+class ModelFolder:
+    """What a model folder holds: the model (MemoSight-ready), mlx-lm's
+    tokenizer wrapper, the normalised ``config.json`` and ``memosight.json``
+    (None for a plain model)."""
+
+    path: Path
+    model: object
+    tokenizer: object
+    config: dict
+    memosight: Optional[MemoSightConfig]
+
+    @property
+    def hf_tokenizer(self):
+        return unwrap_tokenizer(self.tokenizer)
+
+
+def normalize_hf_config(config: dict) -> dict:
+    """Bring a Hugging Face ``config.json`` into the shape mlx-lm reads.
+
+    transformers 5 writes ``rope_theta`` and the scaling settings under
+    ``rope_parameters``; mlx-lm only reads the top-level keys and silently
+    falls back to its defaults otherwise.
+    """
+    config = dict(config)
+    rp = config.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        config.setdefault("rope_theta", rp["rope_theta"])
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        if rope_type != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return config
+
+
+def read_hf_config(model_path) -> dict:
+    """A folder's ``config.json`` as written, checked to be a supported family."""
+    path = Path(model_path) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})")
+    if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED_FAMILIES:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ConfigError(f"{path}: model_type {found!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    return config
+
+
+def load_model(model_path, lazy: bool = False):
+    """The weights of an mlx-lm model folder, MemoSight-ready.
+
+    Returns:
+        ``(model, config)`` where ``config`` is the normalised ``config.json``.
+    """
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    from .model import attach_token_rope
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise ConfigError(f"{model_path}: not a model folder")
+    config = normalize_hf_config(read_hf_config(model_path))
+    if not sorted(model_path.glob("model*.safetensors")):
+        raise ConfigError(f"{model_path}: no model*.safetensors weights (is it a Hugging Face "
+                          "checkpoint? convert it with mlx_memosight.convert)")
+    overrides = {k: config[k] for k in ("rope_theta", "rope_scaling") if k in config}
+    try:
+        model, loaded = mlx_load_model(model_path, lazy=lazy, model_config=overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{model_path}: mlx-lm cannot load the model ({one_line(e).splitlines()[0]})")
+    attach_token_rope(model)
+    return model, normalize_hf_config(loaded)
+
+
+def _check_tokenizer_files(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ConfigError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+            "save the tokenizer beside the model with tokenizer.save_pretrained"
+        )
+
+
+def hf_tokenizer(path):
+    """The Hugging Face tokenizer saved in a folder, with its added tokens."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    _check_tokenizer_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for broken files
+        raise ConfigError(f"{path}: cannot load the tokenizer ({one_line(e)})")
+
+
+def unwrap_tokenizer(tokenizer):
+    """The Hugging Face tokenizer inside mlx-lm's wrapper (or the tokenizer itself)."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def load_folder(path, lazy: bool = False) -> ModelFolder:
+    """Load an MLX model folder: model, tokenizer, ``config.json`` and
+    ``memosight.json``.
+
+    Args:
+        lazy: leave the weights unread until used (the GGUF export streams
+            them one at a time).
+
+    Raises:
+        ConfigError: naming the file at fault.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    path = Path(path)
+    model, config = load_model(path, lazy=lazy)
+    _check_tokenizer_files(path)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many types for broken files
+        raise ConfigError(f"{path}: cannot load the tokenizer ({one_line(e)})")
+    return ModelFolder(path, model, tokenizer, config, MemoSightConfig.load(path))
+
+
+def is_mlx_folder(path) -> bool:
+    """An mlx-lm model folder (weights written by MLX, or a quantised
+    ``config.json``) rather than a Hugging Face checkpoint."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with open(path / "config.json") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if isinstance(cfg, dict) and "quantization" in cfg:
+        return True
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        return False
+    try:
+        with safe_open(str(files[0]), framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == "mlx"
+    except Exception:  # safetensors raises its own error types for broken headers
+        return False
+
+
+def resolve_model(path) -> Path:
+    """``path``, or the packaged demo model when it is None."""
+    if path is None:
+        from .demo import demo_model_path
+
+        return demo_model_path()
+    return Path(path)
+
+
+def load(path, lazy: bool = False):
+    """Load a MemoSight (or plain) model folder or GGUF file.
+
+    Returns:
+        ``(model, tokenizer)`` as mlx-lm does; the MemoSight configuration is
+        ``model.memosight_config`` (None for a plain model, which then runs
+        plain decoding).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    if path.is_file():
+        from .gguf import load_gguf
+
+        model, tokenizer, cfg = load_gguf(path)
+    else:
+        folder = load_folder(path, lazy=lazy)
+        model, tokenizer, cfg = folder.model, folder.tokenizer, folder.memosight
+    model.memosight_config = cfg
+    return model, tokenizer
+
+
+def memosight_notice(path) -> Optional[str]:
+    """What to tell a user whose model has no MemoSight configuration."""
+    path = Path(path)
+    what = "memosight.* metadata" if path.is_file() else CONFIG_FILE
+    return f"notice: {path} has no {what}; running plain decoding"

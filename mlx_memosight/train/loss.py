@@ -1,0 +1,40 @@
+"""SPEC's joint loss, ``lm_loss_weight * CE_LM + mtp_loss_weight * CE_MTP``, in
+the shape mlx-lm's trainer calls (``loss(model, *batch) -> (loss, tokens)``)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..datasets import batch_arrays, num_targets
+from ..layout import attention_mask
+from ..model import forward, lm_head
+
+def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visible_until,
+                   rows, targets, weights, real_tokens):
+    """SPEC's joint loss of one micro-batch, as mlx-lm's trainer calls it.
+
+    The arrays are :func:`datasets.batch_arrays`' tuple. Logits are computed
+    only at the scored rows; each row's cross-entropy is weighted by
+    ``weights`` (its stream's loss weight over its stream's target count,
+    with the factors the trainer expects, see :class:`BatchIterator`).
+
+    The mask is materialised here rather than passed in compact form: the
+    compact form goes to the decoder's attention kernels, which have no
+    gradient; a boolean mask goes to ``mx.fast.scaled_dot_product_attention``.
+
+    Returns:
+        ``(loss, real_tokens)``.
+    """
+    mask = attention_mask(query_slot, query_limit, key_visible_until, xp=mx)
+    h = forward(model, inputs, positions, mask, hidden=True)
+    h = mx.take_along_axis(h, rows[..., None], axis=1)
+    ce = nn.losses.cross_entropy(lm_head(model, h), targets)
+    return (ce.astype(mx.float32) * weights).sum(), real_tokens
+
+
+def joint_loss(model, samples, lm_loss_weight: float, mtp_loss_weight: float) -> mx.array:
+    """The joint loss of ``samples`` taken as one batch (no accumulation)."""
+    n_lm = sum(num_targets(s)[0] for s in samples)
+    n_mtp = sum(num_targets(s)[1] for s in samples)
+    lm = lm_loss_weight / n_lm if n_lm else 0.0
+    mtp = mtp_loss_weight / n_mtp if n_mtp else 0.0
+    return memosight_loss(model, *batch_arrays(samples, lm, mtp))[0]

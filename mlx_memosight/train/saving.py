@@ -1,0 +1,91 @@
+"""Saving a standalone MemoSight model folder, and fusing trained adapters into
+their base model."""
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from ..config import CHECKPOINT_EXTRA_KEYS, MemoSightConfig
+from ..errors import TrainError
+from ..loading import load_folder, unwrap_tokenizer
+from ..outputs import staged_folder
+from .tokens import add_token_rows, embedding_rows
+from .trainer import ADAPTER_CONFIG, ADAPTER_FILE, model_fingerprint, read_adapter_config
+
+def save_model(path, model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig],
+               force: bool = False, src_path=None) -> Path:
+    """Write a standalone MemoSight model folder (weights, ``config.json``,
+    tokenizer, ``memosight.json``) that ``mlx_memosight.load`` and
+    ``mlx_lm.load`` read; with ``cfg=None`` a plain model folder (no
+    ``memosight.json``). Written to a staging folder first: nothing is left
+    half-written."""
+    from mlx_lm.utils import save_config
+    from mlx_lm.utils import save_model as mlx_save_model
+
+    path = Path(path)
+    with staged_folder(path, force) as staging:
+        mlx_save_model(staging, model)
+        config = dict(hf_config)
+        config["vocab_size"] = int(embedding_rows(model))
+        for key in CHECKPOINT_EXTRA_KEYS:
+            if cfg is None:
+                config.pop(key, None)
+            else:
+                config[key] = getattr(cfg, key)
+        if cfg is not None:
+            eos = config.get("eos_token_id")
+            eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+            if cfg.token_ids.eos not in eos:
+                config["eos_token_id"] = eos + [cfg.token_ids.eos]
+        save_config(config, config_path=staging / "config.json")
+        unwrap_tokenizer(tokenizer).save_pretrained(str(staging))
+        if cfg is not None:
+            cfg.save(staging)
+        if src_path is not None and (Path(src_path) / "generation_config.json").exists():
+            shutil.copy(Path(src_path) / "generation_config.json", staging)
+    return path
+
+
+def load_base(model_path):
+    """Load a model folder for training or fusing (:func:`mlx_memosight.loading.load_folder`).
+
+    Returns:
+        ``(model, tokenizer, hf_config, cfg_or_None)``.
+    """
+    folder = load_folder(model_path)
+    return folder.model, folder.tokenizer, folder.config, folder.memosight
+
+
+def fuse(model_path, adapter_path, save_path, dequantize: bool = False, force: bool = False) -> Path:
+    """Fuse trained adapters into their base model and write a standalone
+    MemoSight model folder.
+
+    ``model_path`` may be the plain base model the adapters were trained
+    from: the MemoSight tokens and rows are added the same way again.
+    """
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import dequantize_model
+
+    adapter_path = Path(adapter_path)
+    ac = read_adapter_config(adapter_path)
+    if not (adapter_path / ADAPTER_FILE).is_file():
+        raise TrainError(f"{adapter_path / ADAPTER_FILE}: file not found (adapter_path={adapter_path})")
+    if "memosight" not in ac:
+        raise TrainError(f"{adapter_path / ADAPTER_CONFIG}: not MemoSight adapters (no 'memosight' key)")
+    cfg = MemoSightConfig.from_dict(ac["memosight"], str(adapter_path / ADAPTER_CONFIG))
+    model, tokenizer, config, _ = load_base(model_path)
+    add_token_rows(model, tokenizer)
+    recorded = ac.get("base_fingerprint")
+    if recorded is not None and recorded != model_fingerprint(model):
+        raise TrainError(f"adapter_path={adapter_path}: adapters of another model than {model_path}",
+                         "adapter_path")
+    load_adapters(model, str(adapter_path))
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    return save_model(save_path, model, tokenizer, config, cfg, force=force, src_path=model_path)
