@@ -6,7 +6,27 @@ Ctrl-C) before MLX is loaded.
 """
 
 import importlib
+import os
+import signal
+import sys
 import warnings
+
+# Launched as a command (`python -m mlx_memosight.<cmd>` or a console script),
+# Ctrl-C before the command's own handler is in place (while Python imports
+# this package and the command) ends the process quietly; the command then
+# restores Python's handler (mlx_memosight.cli.run). Imported as a library,
+# nothing changes.
+_COMMAND_START = bool(sys.argv) and (
+    sys.argv[0] == "-m" or os.path.basename(sys.argv[0]).startswith("mlx_memosight"))
+
+
+def _quiet_interrupt(signum, frame):
+    os.write(2, b"\nmlx_memosight: interrupted\n")
+    os._exit(130)
+
+
+if _COMMAND_START and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _quiet_interrupt)
 
 # `python -m mlx_memosight.generate` runs a module this package may already
 # have imported for its Python API (as `python -m mlx_lm.generate` does); the

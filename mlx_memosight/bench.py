@@ -264,44 +264,55 @@ def decode_answer(tokenizer, tokens, cfg) -> str:
 
 def build_parser():
     p = cli.ArgumentParser(prog="mlx_memosight.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="MemoSight model folder")
+    p.add_argument("--model", help="MemoSight model folder or .gguf file (default: the packaged demo "
+                   "model)")
     p.add_argument("--plain-model", help="a plain (SFT) model for the mlx_lm row")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
     src.add_argument("--data", help="eval file: the reference's JSON format or JSON lines")
-    p.add_argument("--limit", type=int, help="use the first N items of --data")
-    p.add_argument("--system", help="system prompt (default: the template's)")
-    p.add_argument("--raw-prompt", action="store_true", help="prompts are the full text, no template")
+    p.add_argument("--limit", type=int, help="use the first N items of --data (default: all)")
+    p.add_argument("--system", "--system-prompt", dest="system",
+                   help="system prompt (default: the template's)")
+    p.add_argument("--raw-prompt", "--ignore-chat-template", dest="raw_prompt", action="store_true",
+                   help="prompts are the full text, without the model's template")
     add_arguments(p, GenerationOptions, ("max_tokens", "draft_len", "foresight_sets"), max_tokens=256)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (fastest kept)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per prompt, the fastest kept (default: %(default)s)")
     p.add_argument("--out", help="folder for summary.json and the PNG plots")
     return p
 
 
 def _bench(args):
     from .backend import describe, reference_blas_in_use
+    from .loading import resolve_model
     from .scoring import eval_prompt, load_items
 
     GenerationOptions.from_args(args)
-    if reference_blas_in_use():
-        print("note: MLX's CPU products go through the reference BLAS here, where a pass costs "
-              "more with every token it carries and drafting cannot pay; see README "
-              "(examples/with_openblas.sh)", file=sys.stderr)
+    if args.repeats < 1:
+        raise cli.UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.limit is not None and args.limit < 1:
+        raise cli.UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise cli.UsageError(f"--out {args.out}: is a file, not a folder")
+    model_path = resolve_model(args.model)
     if args.prompt:
         items = [{"question": q} for q in args.prompt]
     else:
-        items = [dict(it, prompt=eval_prompt(it)) for it in load_items(args.data, limit=args.limit)]
-    rows = bench(args.model, items, args.max_tokens, args.draft_len, args.plain_model,
+        items = [dict(it, prompt=eval_prompt(it))
+                 for it in load_items(args.data, limit=args.limit, require_answer=False)]
+    rows = bench(model_path, items, args.max_tokens, args.draft_len, args.plain_model,
                  args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
     summaries = [r.summary() for r in rows.values()]
     settings = rows["memosight"].settings if "memosight" in rows else {}
-    print(f"device: {describe()}" + "".join(f", {k}: {v}" for k, v in settings.items()))
+    note = (" - every token of a pass costs compute with this BLAS, so drafting cannot pay "
+            "(README: Speed on Linux)") if reference_blas_in_use() else ""
+    print(f"device: {describe()}" + "".join(f", {k}: {v}" for k, v in settings.items()) + note)
     print(format_table(summaries, summaries[0]["config"]))  # the mlx_lm row
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         payload = dict(
-            model=str(args.model),
+            model=str(model_path),
             plain_model=args.plain_model,
             max_tokens=args.max_tokens,
             device=describe(),

@@ -11,7 +11,9 @@ reaches its ``try`` before MLX is loaded.
 """
 
 import argparse
+import os
 import re
+import signal
 import sys
 from typing import Callable, Dict, Optional, Tuple
 
@@ -26,8 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error line and exit status."""
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(1)
 
 
@@ -68,22 +69,43 @@ def flag_message(e: BaseException, parser: Optional[argparse.ArgumentParser]) ->
     return _ASSIGNMENT.sub(flag, message)
 
 
+def _exit_interrupted():
+    """Exit with 130. A process launched as a command leaves at once: Python
+    marks an interrupt that struck code run by ``exec`` (dataclasses and
+    namedtuples are made that way while modules import) as unhandled and
+    would end the process by SIGINT, whatever the handler did."""
+    if getattr(sys.modules.get("mlx_memosight"), "_COMMAND_START", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Optional[int]],
-        argv=None) -> None:
+        argv=None, defaults: Optional[Callable] = None) -> None:
     """Parse ``argv`` and run ``body(args)`` under the error convention.
 
     ``body`` imports what it needs itself, so that Ctrl-C during the imports
-    is caught too. Exits with ``body``'s return value when it is an int.
+    is caught too. ``defaults(parser, argv)``, when given, may set the
+    parser's defaults first (from a config file). Exits with ``body``'s
+    return value when it is an int.
     """
+    # the package's start-up handler (if any) hands Ctrl-C back to Python,
+    # whose KeyboardInterrupt the except clause below turns into exit 130
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and \
+            getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_quiet_interrupt":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     prog = parser.prog
     try:
+        if defaults is not None:
+            defaults(parser, argv)
         args = parser.parse_args(argv)
         code = body(args)
     except KeyboardInterrupt as e:
         # a KeyboardInterrupt raised again with a message says what was kept
         kept = str(e)
         print(f"\n{prog}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
-        sys.exit(130)
+        _exit_interrupted()
     except MemoSightError as e:
         print(f"{prog}: error: {flag_message(e, parser)}", file=sys.stderr)
         sys.exit(1)

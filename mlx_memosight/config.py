@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import ConfigError
-from .options import MAX_DRAFT_LEN
 
 CONFIG_FILE = "memosight.json"
 FORMAT_VERSION = 1
@@ -62,6 +61,59 @@ BESPOKE_SYSTEM_PROMPT = (
     "precise, and clear solution} <|end_of_solution|> Now, try to solve the following "
     "question through the above guidelines:"
 )
+
+
+def _non_finite(value, where: str = "") -> Optional[str]:
+    """The dotted key of the first NaN or infinite number in parsed JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the top level"
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        found = _non_finite(v, key)
+        if found:
+            return found
+    return None
+
+
+def read_json(path, error=ConfigError, expect=dict):
+    """A JSON file the user gave, as Python values.
+
+    Raises:
+        ``error`` (a :class:`MemoSightError` type), naming the file: missing,
+        unreadable, not UTF-8, not JSON, nested too deeply, holding NaN or
+        infinite numbers (Python's parser accepts them, JSON does not), or not
+        of the type ``expect``.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found")
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno} "
+                    f"column {e.colno})")
+    except RecursionError:
+        raise error(f"{path}: nested too deeply")
+    bad = _non_finite(value)
+    if bad:
+        raise error(f"{path}: {bad} is NaN or infinite, which is not a JSON number")
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                    f"found {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -117,6 +169,7 @@ FAMILY_DEFAULTS = {
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_DEFAULTS)
 DEFAULT_DRAFT_LEN = 2
+MAX_DRAFT_LEN = 16
 # Keys of a checkpoint's config.json that the reference adds.
 CHECKPOINT_EXTRA_KEYS = ("lm_loss_weight", "mtp_loss_weight", "max_offset")
 
@@ -144,19 +197,54 @@ class TokenIds:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = CONFIG_FILE) -> "TokenIds":
-        try:
-            return cls(
-                splitter=int(d["splitter"]),
-                continue_=int(d["continue"]),
-                foresight=int(d["foresight"]),
-                memory=[int(i) for i in d["memory"]],
-                eos=int(d["eos"]),
-                bos=None if d.get("bos") is None else int(d["bos"]),
-            )
-        except KeyError as e:
-            raise ConfigError(f"{source}: token_ids is missing the key {e.args[0]!r}")
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: token_ids holds a value that is not an id ({e})")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: token_ids must be an object")
+        for key in ("splitter", "continue", "foresight", "memory", "eos"):
+            if key not in d:
+                raise ConfigError(f"{source}: token_ids is missing the key {key!r}")
+        memory = d["memory"]
+        if not isinstance(memory, list) or not memory:
+            raise ConfigError(f"{source}: token_ids.memory must be a non-empty list of ids")
+        return cls(
+            splitter=_id(d["splitter"], "splitter", source),
+            continue_=_id(d["continue"], "continue", source),
+            foresight=_id(d["foresight"], "foresight", source),
+            memory=[_id(i, f"memory[{k}]", source) for k, i in enumerate(memory)],
+            eos=_id(d["eos"], "eos", source),
+            bos=None if d.get("bos") is None else _id(d["bos"], "bos", source),
+        )
+
+
+def _id(value, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: token_ids.{key} must be a token id (an integer >= 0), "
+                          f"not {value!r}"[:200])
+    return value
+
+
+def _template(t, source: str) -> "Template":
+    if isinstance(t, str):
+        if t not in TEMPLATES:
+            raise ConfigError(f"{source}: unknown template {t!r} (known: {', '.join(TEMPLATES)})"[:200])
+        return TEMPLATES[t]
+    if not isinstance(t, dict):
+        raise ConfigError(f"{source}: template must be a name or an object")
+    names = {f.name for f in fields(Template)}
+    if set(t) - names or not {"name", "prompt", "eos"} <= set(t):
+        raise ConfigError(f"{source}: template takes {', '.join(sorted(names))} (name, prompt and "
+                          "eos required)")
+    for key, value in t.items():
+        if not (isinstance(value, str) or (key == "bos" and value is None)):
+            raise ConfigError(f"{source}: template.{key} must be a string")
+    template = Template(**t)
+    try:
+        template.render("question", "system")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{source}: template.prompt is not a template of bos, system and question "
+                          f"({type(e).__name__}: {e})"[:300])
+    if "{question}" not in template.prompt:
+        raise ConfigError(f"{source}: template.prompt has no {{question}}")
+    return template
 
 
 @dataclass
@@ -203,18 +291,7 @@ class MemoSightConfig:
             if key not in d:
                 raise ConfigError(f"{source}: missing key {key!r}")
         token_ids = TokenIds.from_dict(d["token_ids"], source)
-        t = d["template"]
-        if isinstance(t, str):
-            if t not in TEMPLATES:
-                raise ConfigError(
-                    f"{source}: unknown template {t!r} (known: {', '.join(TEMPLATES)})"
-                )
-            template = TEMPLATES[t]
-        else:
-            try:
-                template = Template(**t)
-            except TypeError as e:
-                raise ConfigError(f"{source}: template: {e}")
+        template = _template(d["template"], source)
         known = {f.name for f in fields(cls)} - {"token_ids", "template", "extra"}
         kwargs = {k: d[k] for k in known if k in d}
         extra = {k: v for k, v in d.items() if k not in known | {"token_ids", "template"}}
@@ -223,17 +300,27 @@ class MemoSightConfig:
         return cfg
 
     def validate(self, source: str = CONFIG_FILE):
-        if int(self.compression_ratio) < 1:
-            raise ConfigError(f"{source}: compression_ratio must be >= 1")
-        if int(self.max_offset) < 0:
-            raise ConfigError(f"{source}: max_offset must be >= 0")
-        if not 0 <= int(self.draft_len) <= MAX_DRAFT_LEN:
-            raise ConfigError(f"{source}: draft_len must be between 0 and {MAX_DRAFT_LEN}")
-        if self.max_memory_tokens < 1 or len(self.token_ids.memory) < self.max_memory_tokens:
-            raise ConfigError(
-                f"{source}: max_memory_tokens={self.max_memory_tokens} but token_ids.memory "
-                f"holds {len(self.token_ids.memory)} ids"
-            )
+        def integer(key, low, high=None):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+                limit = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ConfigError(f"{source}: {key} must be an integer {limit}, not {v!r}"[:200])
+
+        integer("compression_ratio", 1)
+        integer("max_offset", 0)
+        integer("draft_len", 0, MAX_DRAFT_LEN)
+        integer("format_version", 1)
+        integer("max_memory_tokens", 1, len(self.token_ids.memory))
+        if self.format_version > FORMAT_VERSION:
+            raise ConfigError(f"{source}: format_version {self.format_version} is newer than this "
+                              f"version of mlx-memosight reads ({FORMAT_VERSION}); upgrade it")
+        for key in ("lm_loss_weight", "mtp_loss_weight"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{source}: {key} must be a number >= 0, not {v!r}"[:200])
+        if self.model_family not in SUPPORTED_FAMILIES:
+            raise ConfigError(f"{source}: model_family {self.model_family!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_FAMILIES)})"[:200])
 
     def save(self, model_dir) -> Path:
         path = Path(model_dir) / CONFIG_FILE
@@ -248,11 +335,7 @@ class MemoSightConfig:
         path = Path(model_dir) / CONFIG_FILE
         if not path.exists():
             return None
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})")
+        d = read_json(path)
         return cls.from_dict(d, str(path))
 
 
@@ -399,3 +482,63 @@ def build_config(
     )
     cfg.validate("configuration")
     return cfg
+
+
+# The memosight.json values that can be chosen on purpose; a new template
+# keeps them.
+TUNABLE_KEYS = ("compression_ratio", "max_offset", "lm_loss_weight", "mtp_loss_weight", "draft_len")
+
+
+def with_overrides(cfg: Optional[MemoSightConfig], tokenizer, model_type: str,
+                   hf_config: Optional[dict] = None, template=None, **overrides) -> MemoSightConfig:
+    """A model's configuration with values chosen on purpose.
+
+    Args:
+        cfg: the model's own configuration (its ``memosight.json``); None
+            builds one from the family defaults and ``hf_config``'s extra keys.
+        template: a template (or its name) to use instead of the model's; the
+            token ids of its BOS / EOS are looked up in ``tokenizer``.
+        overrides: :data:`TUNABLE_KEYS` values; None keeps a value.
+    """
+    if isinstance(template, str):
+        template = template_named(template, tokenizer)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if cfg is not None and template is None:
+        if not overrides:
+            return cfg
+        d = cfg.to_dict()
+        d.update(overrides)
+        return MemoSightConfig.from_dict(d, "configuration")
+    values = {k: getattr(cfg, k) for k in TUNABLE_KEYS} if cfg is not None else {}
+    values.update(overrides)
+    return build_config(tokenizer, model_type, hf_config, template=template, **values)
+
+
+MODEL_CARD = """# {name}
+
+A MemoSight model (https://arxiv.org/abs/2604.14889) for MLX: {family} weights whose tokenizer
+has the MemoSight special tokens, and `memosight.json` (compression ratio {ratio}, {memory}
+memory tokens, draft length {draft}, template `{template}`).
+
+Run it with MemoSight decoding, which compresses each finished reasoning step into memory
+tokens and drafts with foresight tokens:
+
+```bash
+pip install mlx-memosight
+python -m mlx_memosight.generate --model {name} --prompt "What is 17 * 23?"
+```
+
+`mlx_lm.load` reads this folder, but plain mlx-lm decoding keeps every finished step in the
+cache: the model was trained to see only the memory tokens of finished steps, so with
+`mlx_lm.generate` its output degrades after the first step.
+"""
+
+
+def write_model_card(folder, cfg: MemoSightConfig, name: Optional[str] = None) -> Path:
+    """A ``README.md`` saying how to run the model (and what plain mlx-lm does);
+    ``name``: the folder's final name (it may be written under another)."""
+    path = Path(folder) / "README.md"
+    path.write_text(MODEL_CARD.format(
+        name=name or Path(folder).name, family=cfg.model_family, ratio=cfg.compression_ratio,
+        memory=len(cfg.token_ids.memory), draft=cfg.draft_len, template=cfg.template.name))
+    return path

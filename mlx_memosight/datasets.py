@@ -136,24 +136,41 @@ def read_jsonl(path, skip_bad_lines: bool = False) -> Tuple[List[Example], int]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     examples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                examples.append(parse_record(record, where))
-            except DataError:
-                if not skip_bad_lines:
-                    raise
-                skipped += 1
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})")
+    for lineno, data in enumerate(raw.splitlines(), start=1):
+        if not data.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            examples.append(parse_record(_json_line(data, where, lineno == 1), where))
+        except DataError:
+            if not skip_bad_lines:
+                raise
+            skipped += 1
     if not examples:
-        raise DataError(f"{path}: no examples" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+        raise DataError(f"{path}: no examples" + (f" ({bad_lines(skipped)} skipped)" if skipped else ""))
     return examples, skipped
+
+
+def bad_lines(n: int) -> str:
+    return f"{n} bad line{'' if n == 1 else 's'}"
+
+
+def _json_line(data: bytes, where: str, first: bool):
+    """One line of a JSON-lines file, decoded."""
+    try:
+        text = data.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply")
 
 
 def load_splits(data, skip_bad_lines: bool = False, required=("train",)) -> Dict[str, Tuple[List[Example], int]]:

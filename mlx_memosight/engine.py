@@ -257,6 +257,9 @@ class Engine:
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         tic = time.perf_counter()
         logits = self._prefill(prompt)
+        if not mx.all(mx.isfinite(logits)).item():
+            raise GenerationError("the model computed NaN or infinite logits from the prompt: its "
+                                  "weights hold NaN or inf, or its activations overflow this dtype")
         self._tokens = mx.array(prompt, mx.int32) if self.processors else None
         anchor = int(self._select(logits)[0].item())
         self.stats.prompt_time = time.perf_counter() - tic

@@ -164,6 +164,7 @@ def format_summary(s: dict) -> str:
 def run(args) -> dict:
     """Evaluate as the command line asks; returns the summary."""
     from .loading import load, resolve_model
+    from .outputs import check_writable
 
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"limit must be at least 1, got {args.limit}", "limit")
@@ -176,6 +177,8 @@ def run(args) -> dict:
         system=args.system,
     )
     out = Path(args.out) if args.out else None
+    if out is not None:
+        check_writable(out, "out")
     done: Dict[str, dict] = {}
     if out is not None:
         records = read_results(out)
@@ -204,7 +207,7 @@ def run(args) -> dict:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-                bar.set_postfix(accuracy=f"{sum(r['correct'] for r in results) / len(results):.1%}")
+                bar.set_postfix_str(f"{sum(r['correct'] for r in results)}/{len(results)} correct")
         finally:
             bar.close()
             if f is not None:
@@ -222,11 +225,12 @@ def build_parser():
     p.add_argument("--model", help="model folder or .gguf file (default: the packaged demo model)")
     p.add_argument("--data", required=True,
                    help="eval file: the reference's JSON format (subject -> items) or JSON lines")
-    p.add_argument("--limit", type=int, help="evaluate the first N items")
+    p.add_argument("--limit", type=int, help="evaluate the first N items (default: all)")
     p.add_argument("--out", help="per-item results (JSON lines); rerunning with it continues")
     add_arguments(p, GenerationOptions, ("max_tokens", "repetition_penalty", "foresight", "compress",
                                          "draft_len"), max_tokens=DEFAULT_MAX_TOKENS)
-    p.add_argument("--system", help="system prompt (default: the model's template's)")
+    p.add_argument("--system", "--system-prompt", dest="system",
+                   help="system prompt (default: the model's template's)")
     return p
 
 

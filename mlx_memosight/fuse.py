@@ -26,16 +26,9 @@ def build_parser():
 
 
 def _fuse(args):
-    from .errors import TrainError
     from .train import fuse
 
-    try:
-        path = fuse(args.model_path, args.adapter_path, args.save_path, args.dequantize, args.force)
-    except ValueError as e:
-        if isinstance(e, cli.MemoSightError):
-            raise
-        # mlx-lm's adapter checks list every tensor; the first line says what is wrong
-        raise TrainError(str(e).splitlines()[0])
+    path = fuse(args.model_path, args.adapter_path, args.save_path, args.dequantize, args.force)
     print(f"Saved the fused model to {path}")
 
 

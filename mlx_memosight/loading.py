@@ -9,12 +9,11 @@ MemoSight configuration, in one place that every command uses.
   ``config.json`` the way mlx-lm needs it.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CONFIG_FILE, SUPPORTED_FAMILIES, ConfigError, MemoSightConfig
+from .config import CONFIG_FILE, SUPPORTED_FAMILIES, ConfigError, MemoSightConfig, read_json
 from .errors import one_line
 
 
@@ -55,18 +54,32 @@ def normalize_hf_config(config: dict) -> dict:
 def read_hf_config(model_path) -> dict:
     """A folder's ``config.json`` as written, checked to be a supported family."""
     path = Path(model_path) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})")
-    if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED_FAMILIES:
-        found = config.get("model_type") if isinstance(config, dict) else None
-        raise ConfigError(f"{path}: model_type {found!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    config = read_json(path)
+    if config.get("model_type") not in SUPPORTED_FAMILIES:
+        raise ConfigError(f"{path}: model_type {config.get('model_type')!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_FAMILIES)})"[:300])
     return config
+
+
+def check_weight_files(files) -> None:
+    """Every safetensors file's header must be whole and describe data that
+    the file holds (MLX's reader gives a bare RuntimeError otherwise)."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                list(st.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise ConfigError(f"{f}: not a complete safetensors file ({one_line(e)})")
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        if path.is_symlink():
+            raise ConfigError(f"{path}: a symbolic link that leads nowhere (or in a loop)")
+        raise ConfigError(f"{path}: no such file or folder")
+    return path
 
 
 def load_model(model_path, lazy: bool = False):
@@ -79,18 +92,22 @@ def load_model(model_path, lazy: bool = False):
 
     from .model import attach_token_rope
 
-    model_path = Path(model_path)
+    model_path = _existing(Path(model_path))
     if not model_path.is_dir():
         raise ConfigError(f"{model_path}: not a model folder")
     config = normalize_hf_config(read_hf_config(model_path))
-    if not sorted(model_path.glob("model*.safetensors")):
+    files = sorted(model_path.glob("model*.safetensors"))
+    if not files:
         raise ConfigError(f"{model_path}: no model*.safetensors weights (is it a Hugging Face "
                           "checkpoint? convert it with mlx_memosight.convert)")
+    check_weight_files(files)
     overrides = {k: config[k] for k in ("rope_theta", "rope_scaling") if k in config}
     try:
         model, loaded = mlx_load_model(model_path, lazy=lazy, model_config=overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{model_path}: mlx-lm cannot load the model ({one_line(e).splitlines()[0]})")
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as e:
+        # mlx-lm lists every parameter at fault; the first line says what is wrong
+        raise ConfigError(f"{model_path}: mlx-lm cannot load the model "
+                          f"({(str(e).strip() or type(e).__name__).splitlines()[0]})"[:400])
     attach_token_rope(model)
     return model, normalize_hf_config(loaded)
 
@@ -139,8 +156,15 @@ def load_folder(path, lazy: bool = False) -> ModelFolder:
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # transformers raises many types for broken files
-        raise ConfigError(f"{path}: cannot load the tokenizer ({one_line(e)})")
-    return ModelFolder(path, model, tokenizer, config, MemoSightConfig.load(path))
+        raise ConfigError(f"{path}: cannot load the tokenizer ({one_line(e)})"[:400])
+    memosight = MemoSightConfig.load(path)
+    if memosight is not None:
+        vocab = model.args.vocab_size
+        ids = memosight.token_ids
+        if max(ids.memory + [ids.splitter, ids.continue_, ids.foresight, ids.eos]) >= vocab:
+            raise ConfigError(f"{path / CONFIG_FILE}: token_ids name ids beyond the model's "
+                              f"vocabulary of {vocab}")
+    return ModelFolder(path, model, tokenizer, config, memosight)
 
 
 def is_mlx_folder(path) -> bool:
@@ -150,11 +174,10 @@ def is_mlx_folder(path) -> bool:
 
     path = Path(path)
     try:
-        with open(path / "config.json") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        cfg = read_json(path / "config.json")
+    except ConfigError:
         return False
-    if isinstance(cfg, dict) and "quantization" in cfg:
+    if "quantization" in cfg:
         return True
     files = sorted(path.glob("model*.safetensors"))
     if not files:
@@ -175,24 +198,34 @@ def resolve_model(path) -> Path:
     return Path(path)
 
 
-def load(path, lazy: bool = False):
+def load(path, lazy: bool = False, adapter_path=None):
     """Load a MemoSight (or plain) model folder or GGUF file.
+
+    Args:
+        adapter_path: MemoSight adapters (``mlx_memosight.lora``) to load into
+            the model, as ``mlx_lm.load`` does; the model may be the plain
+            base they were trained from.
 
     Returns:
         ``(model, tokenizer)`` as mlx-lm does; the MemoSight configuration is
         ``model.memosight_config`` (None for a plain model, which then runs
         plain decoding).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file or folder")
+    path = _existing(Path(path))
     if path.is_file():
+        if adapter_path is not None:
+            raise ConfigError(f"adapter_path={adapter_path}: adapters load into a model folder, not "
+                              "a GGUF file", "adapter_path")
         from .gguf import load_gguf
 
         model, tokenizer, cfg = load_gguf(path)
     else:
         folder = load_folder(path, lazy=lazy)
         model, tokenizer, cfg = folder.model, folder.tokenizer, folder.memosight
+        if adapter_path is not None:
+            from .train import apply_adapters
+
+            cfg = apply_adapters(model, tokenizer, adapter_path, path)
     model.memosight_config = cfg
     return model, tokenizer
 

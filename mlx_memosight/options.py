@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
+from .config import MAX_DRAFT_LEN, TEMPLATES
 from .errors import OptionError
 
 
@@ -82,6 +83,9 @@ def check(f: dataclasses.Field, value: Any) -> Any:
         raise OptionError(f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}",
                           name)
     low, high, above = spec.low, spec.high, spec.above
+    if above is not None and high is not None and not above < value <= high:
+        raise OptionError(f"{name} must be greater than {_number(above)} and at most "
+                          f"{_number(high)}, got {_number(value)}", name)
     if low is not None and high is not None and not low <= value <= high:
         raise OptionError(f"{name} must be between {_number(low)} and {_number(high)}, got "
                           f"{_number(value)}", name)
@@ -188,7 +192,6 @@ def add_arguments(parser, cls, names: Optional[Iterable[str]] = None, **defaults
 
 SCHEDULES = ("fused", "two-pass")
 FORESIGHT_SETS = ("auto", "all", "last")
-MAX_DRAFT_LEN = 16
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -322,3 +325,34 @@ class TrainingOptions(Options):
     @property
     def lora_parameters(self) -> Dict[str, float]:
         return dict(rank=self.lora_rank, dropout=self.lora_dropout, scale=self.lora_scale)
+
+
+# ----------------------------------------------------------------------------
+# MemoSight settings chosen on purpose
+
+
+@dataclass
+class MemoSightOverrides(Options):
+    """``memosight.json`` values given on purpose, over a model's own (convert)
+    or the family defaults (lora); None keeps the value."""
+
+    compression_ratio: Optional[int] = option(None, "thought tokens per memory token (family "
+                                              "default: Qwen 6, Llama 5)", kind=int, low=1)
+    max_offset: Optional[int] = option(None, "largest foresight offset (family default: Qwen 2, "
+                                       "Llama 3)", kind=int, low=0)
+    default_draft_len: Optional[int] = option(None, "the model's default draft length "
+                                              "(memosight.json's draft_len)", kind=int, low=0,
+                                              high=MAX_DRAFT_LEN)
+    lm_loss_weight: Optional[float] = option(None, "weight of the language-model loss", kind=float,
+                                             low=0.0)
+    mtp_loss_weight: Optional[float] = option(None, "weight of the foresight (MTP) loss", kind=float,
+                                              low=0.0)
+    template: Optional[str] = option(None, "prompt template (default: the model's, or by family "
+                                     "and tokenizer)", choices=tuple(TEMPLATES), kind=str)
+
+    def values(self) -> Dict[str, Any]:
+        """The values given, under ``memosight.json``'s keys (template aside)."""
+        d = {k: v for k, v in self.to_dict().items() if v is not None and k != "template"}
+        if "default_draft_len" in d:
+            d["draft_len"] = d.pop("default_draft_len")
+        return d

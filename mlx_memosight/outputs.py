@@ -43,6 +43,19 @@ def check_output(out, force: bool, folder: bool):
                           f"{'folder' if folder else 'file'}")
 
 
+def check_writable(path, param: str):
+    """Refuse, before any work, a file that cannot be written: its folder is
+    missing, is not a folder, or is not writable, or the path is a folder."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{param}={path}: is a folder, not a file", param)
+    if not folder.is_dir():
+        raise OutputError(f"{param}={path}: the folder {folder} does not exist", param)
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{param}={path}: not writable", param)
+
+
 def _make_parents(out: Path) -> list:
     """Create the missing parent folders of ``out``; returns them, outermost first."""
     missing = []

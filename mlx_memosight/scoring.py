@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError
+from .errors import DataError
 
 PROMPT_PREFIX = "Return your final response within \\boxed{}. "
 KINDS = ("gsm8k", "mmlu", "gpqa", "bbh", "exact")
@@ -82,49 +82,87 @@ def _kind_from_name(path: Path) -> str:
     return "exact"
 
 
-def load_items(path, limit: Optional[int] = None) -> List[dict]:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})")
+
+
+def _check_item(it, where: str, require_answer: bool):
+    if not isinstance(it, dict):
+        raise DataError(f"{where}: expected an object with 'question', found {type(it).__name__}")
+    q = it.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise DataError(f"{where}: 'question' must be a non-empty string")
+    if "answer" in it and not isinstance(it["answer"], (str, int, float)):
+        raise DataError(f"{where}: 'answer' must be a string or a number")
+    if require_answer and "answer" not in it:
+        raise DataError(f"{where}: no 'answer', so the item cannot be scored")
+    if "kind" in it and it["kind"] not in KINDS:
+        raise DataError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, not {it['kind']!r}")
+    choices = it.get("choices_list")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        raise DataError(f"{where}: 'choices_list' must be a list of strings")
+
+
+def load_items(path, limit: Optional[int] = None, require_answer: bool = True) -> List[dict]:
     """Eval items from the reference's JSON format (a dict of subject -> list
-    of items with ``question`` and ``answer``) or JSON lines.
+    of items with ``question`` and ``answer``), a JSON list, or JSON lines.
 
     Each item gets ``kind`` (from the file name unless the item has one),
     ``subject`` and ``index``.
+
+    Raises:
+        DataError: naming the file and the item or line at fault.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found")
     kind = _kind_from_name(path)
-    text = path.read_text()
-    items = []
+    text = _read_text(path)
+    rows = []  # (where, item, subject)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be an eval file")
     if isinstance(data, dict) and "question" in data:  # JSON lines with one item
-        items = [data]
+        rows = [(f"{path}:1", data, "")]
     elif isinstance(data, dict):
-        for subject, rows in data.items():
-            if not isinstance(rows, list):
-                raise ConfigError(f"{path}: subject {subject!r} is not a list of items")
-            for row in rows:
-                items.append(dict(row, subject=subject))
+        for subject, items in data.items():
+            if not isinstance(items, list):
+                raise DataError(f"{path}: subject {subject!r} is not a list of items")
+            rows += [(f"{path}: subject {subject!r} item {i}", it, subject) for i, it in enumerate(items)]
     elif isinstance(data, list):
-        items = [dict(r) for r in data]
+        rows = [(f"{path}: item {i}", it, "") for i, it in enumerate(data)]
+    elif data is not None:
+        raise DataError(f"{path}: expected a JSON object, list or JSON lines, found a "
+                        f"{type(data).__name__}")
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                rows.append((f"{path}:{n}", json.loads(line), ""))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})")
-    for i, it in enumerate(items):
-        if not isinstance(it, dict) or "question" not in it:
-            raise ConfigError(f"{path}: item {i} has no 'question'")
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg.removesuffix(' at')} at column "
+                                f"{e.colno})")
+            except RecursionError:
+                raise DataError(f"{path}:{n}: nested too deeply")
+    items = []
+    for i, (where, it, subject) in enumerate(rows):
+        _check_item(it, where, require_answer)
+        it = dict(it)
         it.setdefault("kind", kind)
-        it.setdefault("subject", "")
+        it.setdefault("subject", subject)
         it["index"] = i
+        items.append(it)
     if limit is not None:
         items = items[:limit]
     if not items:
-        raise ConfigError(f"{path}: no items")
+        raise DataError(f"{path}: no items")
     return items

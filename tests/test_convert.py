@@ -216,7 +216,7 @@ def test_trainer_files_are_never_unpickled(checkpoint, tmp_path):
     convert_mod.convert(ckpt, tmp_path / "out", progress=False, log=lambda *a: None)
     assert not marker.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "generation_config.json", CONFIG_FILE, "model.safetensors",
+        "README.md", "config.json", "generation_config.json", CONFIG_FILE, "model.safetensors",
         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import shared_path
-from mlx_memosight.config import ConfigError
+from mlx_memosight.errors import DataError
 from mlx_memosight.scoring import eval_prompt, extract_boxed, gold_answer, load_items, score
 
 
@@ -74,11 +74,11 @@ def test_json_lines_and_bad_files(tmp_path):
     assert len(load_items(f, limit=1)) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a"}\n{oops\n')
-    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+    with pytest.raises(DataError, match="bad.jsonl:2"):
         load_items(bad)
     noq = tmp_path / "noq.json"
     noq.write_text(json.dumps({"s": [{"answer": "1"}]}))
-    with pytest.raises(ConfigError, match="no 'question'"):
+    with pytest.raises(DataError, match="'question' must be a non-empty string"):
         load_items(noq)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_items(tmp_path / "missing.json")

@@ -93,7 +93,7 @@ def test_malformed_lines_stop_or_are_skipped_and_counted(tmp_path):
 def test_empty_and_missing_data(tmp_path):
     with pytest.raises(DataError, match=r"empty.jsonl: no examples"):
         read_jsonl(write(tmp_path / "empty.jsonl", ["", "  "]))
-    with pytest.raises(DataError, match=r"no examples \(1 bad lines skipped\)"):
+    with pytest.raises(DataError, match=r"no examples \(1 bad line skipped\)"):
         read_jsonl(write(tmp_path / "bad.jsonl", ["{"]), skip_bad_lines=True)
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match=r"train.jsonl: file not found \(data=.*folder needs train.jsonl\)"):

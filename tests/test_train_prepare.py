@@ -131,7 +131,7 @@ def test_memosight_model_keeps_its_configuration(tmp_path):
     plain, _ = prepare(model2, tok2, hf2, cfg2, template="plain")
     assert plain.template.name == "plain" and plain.max_offset == 1
     assert plain.template.eos == "<|endoftext|>" and plain.token_ids.eos == 0
-    with pytest.raises(ConfigError, match="compression_ratio must be >= 1"):
+    with pytest.raises(ConfigError, match="compression_ratio must be an integer >= 1, not 0"):
         prepare(model2, tok2, hf2, cfg2, compression_ratio=0)
     x = mx.array([[1, 5, 300, 400]])
     np.testing.assert_array_equal(np.array(model(x)), np.array(model2(x)))

@@ -19,7 +19,7 @@ from mlx_memosight.loading import load_folder
 from mlx_memosight.train import TrainingOptions, evaluate, load_base, prepare, train
 from train_helpers import make_base_model, make_data, record, write_jsonl
 
-VAL = re.compile(r"Iter (\d+): val loss ([0-9.]+)")
+VAL = re.compile(r"Iter (\d+)/\d+: val loss ([0-9.]+)")
 
 
 def run_cli(main, argv, capsys):
@@ -63,6 +63,8 @@ def test_training_lowers_validation_loss_and_saves_adapters(trained):
     assert len(vals) == 3 and vals[-1] < vals[0] - 1.0
     assert "Added 309 MemoSight tokens" in out
     assert re.search(r"Iter 12/12: train loss [0-9.]+, [0-9,]+ tok/s, peak mem [0-9.]+ GB, ETA 0:00:00", out)
+    # one line per report: mlx-lm's own report lines are not shown beside these
+    assert out.count("Iter 12/12: train loss") == 1 and "Train loss" not in out and "Val loss" not in out
     ad = workdir / "adapters"
     for name in ("adapters.safetensors", "0000006_adapters.safetensors", "0000012_adapters.safetensors",
                  "adapter_config.json"):

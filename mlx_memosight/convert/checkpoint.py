@@ -4,13 +4,13 @@ folder, often a Trainer ``checkpoint-N/``) without loading its weights:
 before anything is written."""
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 
-from ..config import ConfigError, MemoSightConfig, build_config, has_memosight_tokens
+from ..config import (CONFIG_FILE, ConfigError, MemoSightConfig, has_memosight_tokens, read_json,
+                      with_overrides)
 from ..errors import ConvertError, one_line
 from ..loading import hf_tokenizer, read_hf_config
 
@@ -135,19 +135,26 @@ def _read_bin_header(path: Path) -> Dict[str, Tuple[tuple, mx.Dtype]]:
     return out
 
 
+def _weight_map(index: Path) -> Dict[str, str]:
+    """An index's tensor -> file map; files must lie beside the index."""
+    weight_map = read_json(index, ConvertError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ConvertError(f"{index}: weight_map must map tensor names to file names")
+    for name in set(weight_map.values()):
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ConvertError(f"{index}: lists the file {name!r}, which is not a file beside it"[:300])
+    return weight_map
+
+
 def _index_files(index: Path) -> List[Path]:
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConvertError(f"{index}: not a valid weight index ({one_line(e)})")
     files = []
-    for name in weight_map.values():
+    for name in _weight_map(index).values():
         p = index.parent / name
         if p not in files:
             files.append(p)
     for p in files:
-        if not p.exists():
+        if not p.is_file():
             raise ConvertError(f"{index}: lists {p.name}, which is missing")
     return files
 
@@ -183,16 +190,21 @@ def find_weight_files(path: Path) -> List[WeightFile]:
         out.append(wf)
     for idx in (index, bin_index):
         if idx.exists() and kind == ("safetensors" if idx is index else "bin"):
-            with open(idx) as f:
-                listed = set(json.load(f)["weight_map"])
+            listed = set(_weight_map(idx))
             if listed != set(seen):
                 extra = sorted(listed - set(seen)) or sorted(set(seen) - listed)
                 raise ConvertError(f"{idx}: the index and the weight files disagree on {extra[0]}")
     return out
 
 
-def read_checkpoint(path) -> Checkpoint:
+def read_checkpoint(path, overrides: Optional[dict] = None, template: Optional[str] = None) -> Checkpoint:
     """Read and validate a checkpoint folder without loading any weights.
+
+    The MemoSight configuration is the folder's own ``memosight.json`` when it
+    has one (an MLX folder being converted again keeps it exactly), else built
+    from the family defaults and ``config.json``'s extra keys;
+    ``overrides`` (``memosight.json`` keys) and ``template`` change it on
+    purpose.
 
     Raises:
         ConvertError: naming the file or field at fault.
@@ -219,10 +231,17 @@ def read_checkpoint(path) -> Checkpoint:
             f"{cfg_file}: vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} "
             "tokens (were the embeddings resized after adding the MemoSight tokens?)"
         )
-    memosight = None
-    if has_memosight_tokens(tokenizer):
+    memosight = MemoSightConfig.load(path)
+    if memosight is not None and max(memosight.token_ids.memory + [memosight.token_ids.eos]) >= len(tokenizer):
+        raise ConvertError(f"{path / CONFIG_FILE}: token_ids name ids beyond the tokenizer's "
+                           f"{len(tokenizer)} tokens")
+    if memosight is not None or has_memosight_tokens(tokenizer):
         try:
-            memosight = build_config(tokenizer, model_type, hf_config=config)
+            memosight = with_overrides(memosight, tokenizer, model_type, config, template,
+                                       **(overrides or {}))
         except ConfigError as e:
             raise ConvertError(f"{path}: {e}")
+    elif overrides or template:
+        raise ConvertError(f"{path}: the tokenizer has no MemoSight tokens, so MemoSight settings "
+                           "cannot apply")
     return Checkpoint(path, config, model_type, files, tokenizer, memosight)

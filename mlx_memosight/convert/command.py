@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import cli
-from ..options import ConvertOptions, add_arguments
+from ..options import ConvertOptions, MemoSightOverrides, add_arguments
 
 
 from ..errors import one_line
@@ -78,6 +78,7 @@ def convert(
     log=print,
     gguf=None,
     gguf_type: Optional[str] = None,
+    overrides: Optional[MemoSightOverrides] = None,
 ) -> dict:
     """Convert a checkpoint folder into an MLX model folder and / or a GGUF file.
 
@@ -95,6 +96,10 @@ def convert(
         gguf: also write this GGUF file (``out_path`` may then be None).
             ``ckpt_path`` may be an MLX model folder, which is exported as is.
         gguf_type: the GGUF tensor type (:data:`mlx_memosight.gguf.GGUF_TYPES`).
+        overrides: ``memosight.json`` values chosen on purpose; otherwise the
+            checkpoint's own ``memosight.json`` is kept exactly (an MLX folder
+            converted again), or the family defaults apply (a PyTorch
+            checkpoint, as the reference trains them).
 
     Returns:
         A summary dict (``out``, ``files``, ``bytes``, ``dtype``,
@@ -114,6 +119,7 @@ def convert(
 
     ConvertOptions(dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
                    gguf_type=gguf_type, force=force, verify=verify)
+    overrides = overrides or MemoSightOverrides()
     ckpt_path = Path(ckpt_path)
     max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
     if out_path is None and gguf is None:
@@ -124,6 +130,7 @@ def convert(
         if is_mlx_folder(ckpt_path):
             extra = [name for name, on in (("out_path", out_path is not None), ("dtype", dtype),
                                            ("quantize", quantize), ("verify", verify)) if on]
+            extra += [name for name, value in overrides.to_dict().items() if value is not None]
             if extra:
                 raise ConvertError(f"{extra[0]}: {ckpt_path} is already an MLX model folder; "
                                    "only gguf=FILE and gguf_type=TYPE apply to it", extra[0])
@@ -139,7 +146,7 @@ def convert(
                 summary = convert(ckpt_path, mlx_dir, dtype, quantize, q_bits, q_group_size, force,
                                   verify, max_shard_bytes, progress,
                                   lambda line: line.startswith(f"saved {mlx_dir}") or log(line),
-                                  gguf, gguf_type)
+                                  gguf, gguf_type, overrides)
             summary["out"] = None
             return summary
     out_path = Path(out_path)
@@ -151,7 +158,7 @@ def convert(
     if verify:
         _import_torch("verify=True")
 
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, overrides.values(), overrides.template)
     if ckpt.memosight is None:
         print(f"notice: {ckpt_path} has no MemoSight tokens; converting it as a plain "
               f"{ckpt.model_type} model (no {CONFIG_FILE})", file=sys.stderr)
@@ -159,7 +166,7 @@ def convert(
     result = None
     with staged_folder(out_path, force) as tmp:
         try:
-            files = write_mlx_model(ckpt, plan, tmp, max_shard_bytes, progress)
+            files = write_mlx_model(ckpt, plan, tmp, max_shard_bytes, progress, out_path.name)
         except OSError as e:
             raise ConvertError(f"{out_path}: writing failed ({e.strerror or one_line(e)})")
         if verify:
@@ -199,19 +206,24 @@ def build_parser():
         description="Convert a PyTorch-trained MemoSight checkpoint (a Hugging Face "
         "save_pretrained folder) into an MLX model folder and / or a GGUF file.",
     )
-    p.add_argument("ckpt_path", metavar="checkpoint",
+    p.add_argument("ckpt_path", metavar="checkpoint", nargs="?",
                    help="checkpoint folder (config.json, weights, tokenizer), or an MLX model "
                    "folder to export with --gguf")
-    p.add_argument("-o", "--out", dest="out_path", help="MLX model folder to create")
+    p.add_argument("--hf-path", help="the checkpoint folder, given as mlx_lm.convert takes it")
+    p.add_argument("-o", "--out", "--mlx-path", dest="out_path", help="MLX model folder to create")
     p.add_argument("--gguf", metavar="FILE",
                    help="also write a GGUF file (llama.cpp) with the MemoSight metadata")
     add_arguments(p, ConvertOptions)
+    add_arguments(p, MemoSightOverrides)
     return p
 
 
 def _convert(args):
+    if (args.ckpt_path is None) == (args.hf_path is None):
+        raise cli.UsageError("give the checkpoint folder once: as the first argument or as --hf-path")
     try:
-        convert(args.ckpt_path, args.out_path, gguf=args.gguf, **ConvertOptions.from_args(args).to_dict())
+        convert(args.ckpt_path or args.hf_path, args.out_path, gguf=args.gguf, overrides=MemoSightOverrides.from_args(args),
+                **ConvertOptions.from_args(args).to_dict())
     except KeyboardInterrupt:
         raise KeyboardInterrupt("nothing was written")
 

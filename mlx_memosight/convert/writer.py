@@ -12,6 +12,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..config import write_model_card
+from ..errors import ConvertError
 from ..outputs import release_stream_cache
 from .checkpoint import ST_TO_MX, Checkpoint
 from .plan import Plan, TensorJob, _nbytes
@@ -103,6 +105,19 @@ def _convert_tensor(job: TensorJob, x: mx.array) -> List[mx.array]:
     return list(mx.quantize(x, group_size, bits, mode=mode))[: len(job.outputs)]
 
 
+def _check_finite(wf, job: TensorJob, x: mx.array, arrays: List[mx.array]):
+    """Every float value must stay finite: NaN or inf in a checkpoint (or
+    values beyond the range of the chosen dtype) would make the model compute
+    NaN without a word."""
+    floats = [a for a in [x] + arrays if mx.issubdtype(a.dtype, mx.floating)]
+    flags = [mx.all(mx.isfinite(a)) for a in floats]
+    mx.eval(arrays + flags)
+    if not all(f.item() for f in flags):
+        where = "" if flags[0].item() else " in the checkpoint"
+        raise ConvertError(f"{wf.path}: tensor {job.name} holds NaN or infinite values{where}"
+                           + ("" if where else f" once cast to {arrays[0].dtype}"))
+
+
 def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                   progress: bool = True) -> List[str]:
     """Stream the checkpoint's tensors into ``model*.safetensors`` files and
@@ -128,7 +143,7 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
             jobs = by_file.get(id(wf), [])
             for job, (_, x) in zip(jobs, wf.arrays([j.name for j in jobs])):
                 arrays = _convert_tensor(job, x)
-                mx.eval(arrays)
+                _check_finite(wf, job, x, arrays)
                 for name, a in zip(job.outputs, arrays):
                     if owner[name] != current:
                         if writer is not None:
@@ -156,9 +171,10 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
 
 
 def write_mlx_model(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
-                    progress: bool = True) -> List[str]:
+                    progress: bool = True, name: Optional[str] = None) -> List[str]:
     """Write an mlx-lm model folder (weights, ``config.json``, tokenizer files)
-    and ``memosight.json`` into the existing folder ``out``.
+    and ``memosight.json`` with a model card (``README.md``) into the existing
+    folder ``out``, whose final name is ``name``.
 
     Returns:
         The weight file names.
@@ -172,4 +188,5 @@ def write_mlx_model(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: in
             shutil.copy(ckpt.path / f, out / f)
     if ckpt.memosight is not None:
         ckpt.memosight.save(out)
+        write_model_card(out, ckpt.memosight, name)
     return names

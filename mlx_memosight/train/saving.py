@@ -5,10 +5,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..config import CHECKPOINT_EXTRA_KEYS, MemoSightConfig
+from ..config import CHECKPOINT_EXTRA_KEYS, MemoSightConfig, write_model_card
 from ..errors import TrainError
-from ..loading import load_folder, unwrap_tokenizer
-from ..outputs import staged_folder
+from ..errors import ConfigError
+from ..loading import check_weight_files, load_folder, unwrap_tokenizer
+from ..outputs import check_output, staged_folder
 from .tokens import add_token_rows, embedding_rows
 from .trainer import ADAPTER_CONFIG, ADAPTER_FILE, model_fingerprint, read_adapter_config
 
@@ -41,6 +42,7 @@ def save_model(path, model, tokenizer, hf_config: dict, cfg: Optional[MemoSightC
         unwrap_tokenizer(tokenizer).save_pretrained(str(staging))
         if cfg is not None:
             cfg.save(staging)
+            write_model_card(staging, cfg, path.name)
         if src_path is not None and (Path(src_path) / "generation_config.json").exists():
             shutil.copy(Path(src_path) / "generation_config.json", staging)
     return path
@@ -56,6 +58,46 @@ def load_base(model_path):
     return folder.model, folder.tokenizer, folder.config, folder.memosight
 
 
+def apply_adapters(model, tokenizer, adapter_path, model_path=None) -> MemoSightConfig:
+    """Load MemoSight adapters into a loaded model, as ``mlx_lm.load(...,
+    adapter_path=...)`` does. The model may be the plain base the adapters
+    were trained from: its MemoSight tokens and rows are added the same way
+    again.
+
+    Returns:
+        The adapters' MemoSight configuration.
+
+    Raises:
+        TrainError: the adapters are missing, not MemoSight's, or of another
+            model.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    adapter_path = Path(adapter_path)
+    ac = read_adapter_config(adapter_path)
+    if not (adapter_path / ADAPTER_FILE).is_file():
+        raise TrainError(f"{adapter_path / ADAPTER_FILE}: file not found (adapter_path={adapter_path})")
+    if not isinstance(ac.get("memosight"), dict):
+        raise TrainError(f"{adapter_path / ADAPTER_CONFIG}: not MemoSight adapters (no 'memosight' object)")
+    cfg = MemoSightConfig.from_dict(ac["memosight"], str(adapter_path / ADAPTER_CONFIG))
+    try:
+        check_weight_files([adapter_path / ADAPTER_FILE])
+    except ConfigError as e:
+        raise TrainError(str(e))
+    add_token_rows(model, tokenizer)
+    recorded = ac.get("base_fingerprint")
+    if recorded is not None and recorded != model_fingerprint(model):
+        raise TrainError(f"adapter_path={adapter_path}: adapters of another model than "
+                         f"{model_path or 'this one'}", "adapter_path")
+    try:
+        load_adapters(model, str(adapter_path))
+    except (ValueError, KeyError, TypeError) as e:
+        # mlx-lm's checks list every tensor; the first line says what is wrong
+        raise TrainError(f"{adapter_path}: mlx-lm cannot load these adapters "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return cfg
+
+
 def fuse(model_path, adapter_path, save_path, dequantize: bool = False, force: bool = False) -> Path:
     """Fuse trained adapters into their base model and write a standalone
     MemoSight model folder.
@@ -64,23 +106,11 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False, force: b
     from: the MemoSight tokens and rows are added the same way again.
     """
     from mlx.utils import tree_unflatten
-    from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model
 
-    adapter_path = Path(adapter_path)
-    ac = read_adapter_config(adapter_path)
-    if not (adapter_path / ADAPTER_FILE).is_file():
-        raise TrainError(f"{adapter_path / ADAPTER_FILE}: file not found (adapter_path={adapter_path})")
-    if "memosight" not in ac:
-        raise TrainError(f"{adapter_path / ADAPTER_CONFIG}: not MemoSight adapters (no 'memosight' key)")
-    cfg = MemoSightConfig.from_dict(ac["memosight"], str(adapter_path / ADAPTER_CONFIG))
+    check_output(save_path, force, folder=True)
     model, tokenizer, config, _ = load_base(model_path)
-    add_token_rows(model, tokenizer)
-    recorded = ac.get("base_fingerprint")
-    if recorded is not None and recorded != model_fingerprint(model):
-        raise TrainError(f"adapter_path={adapter_path}: adapters of another model than {model_path}",
-                         "adapter_path")
-    load_adapters(model, str(adapter_path))
+    cfg = apply_adapters(model, tokenizer, adapter_path, model_path)
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import (CHECKPOINT_EXTRA_KEYS, DOUBLE_NEWLINE, SPECIAL_TOKENS, MemoSightConfig,
-                      _token_id, add_memosight_tokens, build_config, description_ids, template_named)
+                      _token_id, add_memosight_tokens, description_ids, with_overrides)
 from ..errors import TrainError
 from ..loading import unwrap_tokenizer
 from ..model import attach_token_rope
@@ -141,22 +141,8 @@ def prepare(model, tokenizer, hf_config: dict, cfg: Optional[MemoSightConfig] = 
     """
     attach_token_rope(model)
     added = add_token_rows(model, tokenizer)
-    if isinstance(template, str):
-        template = template_named(template, tokenizer)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if cfg is not None and not added and template is None:
-        if overrides:
-            d = cfg.to_dict()
-            d.update(overrides)
-            cfg = MemoSightConfig.from_dict(d, "configuration")
-    else:
-        values = {}
-        if cfg is not None and not added:  # a new template for a MemoSight model
-            values = {k: getattr(cfg, k) for k in
-                      ("compression_ratio", "max_offset", "lm_loss_weight", "mtp_loss_weight", "draft_len")}
-        values.update(overrides)
-        cfg = build_config(unwrap_tokenizer(tokenizer), hf_config.get("model_type"), hf_config,
-                           template=template, **values)
+    cfg = with_overrides(None if added else cfg, unwrap_tokenizer(tokenizer), hf_config.get("model_type"),
+                         hf_config, template, **overrides)
     hf_config["vocab_size"] = embedding_rows(model)
     for key in CHECKPOINT_EXTRA_KEYS:
         hf_config[key] = getattr(cfg, key)

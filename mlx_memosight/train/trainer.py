@@ -2,10 +2,13 @@
 plus the MemoSight tokens' rows), adapters and their checks, gradient
 checkpointing, progress reports and the run itself."""
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..config import read_json
 from ..datasets import BatchIterator, MemoSightDataset, check_batch_size
 from ..errors import TrainError
 from ..model import attach_token_rope
@@ -141,11 +145,7 @@ def read_adapter_config(adapter_path) -> dict:
     path = Path(adapter_path) / ADAPTER_CONFIG
     if not path.is_file():
         raise TrainError(f"{path}: file not found (adapter_path={Path(adapter_path)})")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path}: not valid JSON ({e})")
+    return read_json(path, TrainError)
 
 
 def load_resume(model, adapter_file, fingerprint: Optional[str] = None):
@@ -161,8 +161,8 @@ def load_resume(model, adapter_file, fingerprint: Optional[str] = None):
     beside = path.parent / ADAPTER_CONFIG
     if fingerprint is not None and beside.is_file():
         try:
-            recorded = json.loads(beside.read_text()).get("base_fingerprint")
-        except json.JSONDecodeError:
+            recorded = read_json(beside, TrainError).get("base_fingerprint")
+        except TrainError:
             recorded = None
         if recorded is not None and recorded != fingerprint:
             raise TrainError(
@@ -215,15 +215,21 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Reporter:
-    """mlx-lm training callback: records the curves and prints a progress
-    line with loss, tokens/s, peak memory and ETA."""
+    """mlx-lm training callback: records the curves and prints one progress
+    line per report (loss, tokens/s, peak memory, ETA) to ``out``; mlx-lm's
+    own lines are not shown (they would repeat these)."""
 
-    def __init__(self, iters, report: TrainingReport, user=None, verbose=True):
+    def __init__(self, iters, report: TrainingReport, user=None, verbose=True, out=None):
         self.iters = iters
         self.report = report
         self.user = user
-        self.verbose = verbose
+        self.verbose = verbose and _rank() == 0
+        self.out = out or sys.stdout
         self.start = time.perf_counter()
+
+    def _print(self, line: str):
+        if self.verbose:
+            print(line, file=self.out, flush=True)
 
     def on_train_loss_report(self, info):
         it = info["iteration"]
@@ -231,19 +237,16 @@ class _Reporter:
         self.report.tokens_per_second.append(info["tokens_per_second"])
         self.report.peak_memory_gb = max(self.report.peak_memory_gb, info["peak_memory"])
         elapsed = time.perf_counter() - self.start
-        if self.verbose:
-            rank0_print(
-                f"Iter {it}/{self.iters}: train loss {info['train_loss']:.3f}, "
-                f"{info['tokens_per_second']:,.0f} tok/s, peak mem {info['peak_memory']:.2f} GB, "
-                f"ETA {_format_eta(elapsed / it * (self.iters - it))}"
-            )
+        self._print(f"Iter {it}/{self.iters}: train loss {info['train_loss']:.3f}, "
+                    f"{info['tokens_per_second']:,.0f} tok/s, peak mem {info['peak_memory']:.2f} GB, "
+                    f"ETA {_format_eta(elapsed / it * (self.iters - it))}")
         if self.user is not None:
             self.user.on_train_loss_report(info)
 
     def on_val_loss_report(self, info):
         self.report.val_losses.append((info["iteration"], info["val_loss"]))
-        if self.verbose:
-            rank0_print(f"Iter {info['iteration']}: val loss {info['val_loss']:.3f} ({info['val_time']:.1f}s)")
+        self._print(f"Iter {info['iteration']}/{self.iters}: val loss {info['val_loss']:.3f} "
+                    f"({info['val_time']:.1f} s)")
         if self.user is not None:
             self.user.on_val_loss_report(info)
 
@@ -343,22 +346,17 @@ def train(model, tokenizer, train_set: MemoSightDataset, valid_set: Optional[Mem
     iterate = BatchIterator(cfg.lm_loss_weight, cfg.mtp_loss_weight, K, options.val_batches,
                             options.seed)
     report = TrainingReport(adapter_file=adapter_file)
-    reporter = _Reporter(options.iters, report, callback, verbose)
+    reporter = _Reporter(options.iters, report, callback, verbose, out=sys.stdout)
     try:
-        mlx_train(
-            model=model,
-            optimizer=_optimizer(options),
-            train_dataset=train_set,
-            val_dataset=valid_set,
-            args=args,
-            loss=memosight_loss,
-            iterate_batches=iterate,
-            training_callback=reporter,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            mlx_train(model=model, optimizer=_optimizer(options), train_dataset=train_set,
+                      val_dataset=valid_set, args=args, loss=memosight_loss, iterate_batches=iterate,
+                      training_callback=reporter)
     except KeyboardInterrupt:
         if _rank() == 0:
             save_adapters(model, adapter_file)
         raise KeyboardInterrupt(f"adapters saved to {adapter_file}")
+    reporter._print(f"Saved the adapters to {adapter_file}")
     return report
 
 
