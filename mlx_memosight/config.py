@@ -236,7 +236,7 @@ def _template(t, source: str) -> "Template":
     for key, value in t.items():
         if not (isinstance(value, str) or (key == "bos" and value is None)):
             raise ConfigError(f"{source}: template.{key} must be a string")
-    template = Template(**t)
+    template = Template(**{"bos": None, **t})
     try:
         template.render("question", "system")
     except (KeyError, IndexError, ValueError) as e:

@@ -67,11 +67,22 @@ def check_weight_files(files) -> None:
     from safetensors import safe_open
 
     for f in files:
+        readable(f, ConfigError)
         try:
             with safe_open(str(f), framework="numpy") as st:
                 list(st.keys())
         except Exception as e:  # safetensors raises its own error types
             raise ConfigError(f"{f}: not a complete safetensors file ({one_line(e)})")
+
+
+def readable(path: Path, error=ConfigError):
+    """Refuse a file that cannot be opened, saying why (the readers of
+    safetensors and GGUF files would report it as a damaged file)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})")
 
 
 def _existing(path: Path) -> Path:

@@ -91,3 +91,33 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mlx_memosight").rglob("__init__.py")}
     assert found - {"mlx_memosight.demo_model"} <= listed
+
+
+COMMAND_NAMES = ("generate", "convert", "lora", "fuse", "evaluate", "bench")
+
+
+@pytest.mark.parametrize("name", COMMAND_NAMES)
+def test_every_flag_has_help(name):
+    import importlib
+
+    parser = importlib.import_module(f"mlx_memosight.{name}").build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), f"{name}: {action.option_strings or action.dest}"
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.5, 1.5])
+def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(delay):
+    """Ctrl-C while the command imports, loads the model or generates (without
+    compression the demo model writes until the token limit, several seconds)."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "mlx_memosight.generate", "--prompt",
+                          "Mia has 25 apples. Every day she buys 3. How many apples does she have after "
+                          "12 days?", "--max-tokens", "5000", "--no-compress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err

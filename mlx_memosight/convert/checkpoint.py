@@ -12,7 +12,7 @@ import mlx.core as mx
 from ..config import (CONFIG_FILE, ConfigError, MemoSightConfig, has_memosight_tokens, read_json,
                       with_overrides)
 from ..errors import ConvertError, one_line
-from ..loading import hf_tokenizer, read_hf_config
+from ..loading import hf_tokenizer, read_hf_config, readable
 
 ST_TO_MX = {
     "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64,
@@ -106,6 +106,7 @@ def _torch_to_mx(t) -> mx.array:
 def _read_safetensors_header(path: Path) -> Dict[str, Tuple[tuple, mx.Dtype]]:
     from safetensors import safe_open
 
+    readable(path, ConvertError)
     try:
         with safe_open(str(path), framework="numpy") as f:
             out = {}

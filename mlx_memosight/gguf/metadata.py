@@ -3,6 +3,7 @@ architecture hyperparameters in both directions (mlx-lm's ``ModelArgs`` to
 ``{arch}.*`` keys, and back to a ``config.json``), Llama's q / k row order,
 and the ``memosight.*`` keys that carry ``memosight.json``."""
 
+import math
 from typing import Optional
 
 import gguf
@@ -76,31 +77,55 @@ def hf_config(meta: dict, tensors: dict, source: str) -> dict:
             return default
         return meta[name]
 
+    def count(k, default=None, required=True, high=1 << 24):
+        """A positive integer key (sizes and counts of a model that fits a machine)."""
+        v = key(k, default, required)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+            raise GGUFError(f"{source}: {k.format(arch=arch)} must be an integer between 1 and "
+                            f"{high}, not {v!r}"[:200])
+        return v
+
+    def number(k, default=None, required=True):
+        v = key(k, default, required)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise GGUFError(f"{source}: {k.format(arch=arch)} must be a positive number, not {v!r}"[:200])
+        return _from_float32(v)
+
     embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
-    if embd not in tensors:
-        raise GGUFError(f"{source}: the tensor {embd} is missing")
-    heads = int(key(K.Attention.HEAD_COUNT))
+    if embd not in tensors or len(tensors[embd][0]) != 2:
+        raise GGUFError(f"{source}: the tensor {embd} is missing or not a matrix")
+    heads = count(K.Attention.HEAD_COUNT, high=4096)
+    kv_heads = count(K.Attention.HEAD_COUNT_KV, heads, False, high=4096)
+    hidden = count(K.LLM.EMBEDDING_LENGTH, high=1 << 17)
+    if heads % kv_heads:
+        raise GGUFError(f"{source}: {arch}.attention.head_count {heads} is not a multiple of "
+                        f"head_count_kv {kv_heads}")
     config = dict(
         model_type=arch,
-        hidden_size=int(key(K.LLM.EMBEDDING_LENGTH)),
-        num_hidden_layers=int(key(K.LLM.BLOCK_COUNT)),
-        intermediate_size=int(key(K.LLM.FEED_FORWARD_LENGTH)),
+        hidden_size=hidden,
+        num_hidden_layers=count(K.LLM.BLOCK_COUNT, high=4096),
+        intermediate_size=count(K.LLM.FEED_FORWARD_LENGTH, high=1 << 20),
         num_attention_heads=heads,
-        num_key_value_heads=int(key(K.Attention.HEAD_COUNT_KV, heads, False)),
-        rms_norm_eps=_from_float32(key(K.Attention.LAYERNORM_RMS_EPS)),
-        rope_theta=_from_float32(key(K.Rope.FREQ_BASE, 10000.0, False)),
-        max_position_embeddings=int(key(K.LLM.CONTEXT_LENGTH, 4096, False)),
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=number(K.Attention.LAYERNORM_RMS_EPS),
+        rope_theta=number(K.Rope.FREQ_BASE, 10000.0, False),
+        max_position_embeddings=count(K.LLM.CONTEXT_LENGTH, 4096, False, high=1 << 26),
         vocab_size=tensors[embd][0][0],
         tie_word_embeddings=gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight" not in tensors,
     )
-    head_dim = key(K.Attention.KEY_LENGTH, None, False)
+    if tensors[embd][0][1] != hidden:
+        raise GGUFError(f"{source}: {embd} has {tensors[embd][0][1]} columns but "
+                        f"{arch}.embedding_length is {hidden}")
+    head_dim = count(K.Attention.KEY_LENGTH, None, False, high=1 << 12)
     if head_dim is not None:
-        config["head_dim"] = int(head_dim)
+        config["head_dim"] = head_dim
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     scaling = key(K.Rope.SCALING_TYPE, "none", False)
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(key(K.Rope.SCALING_FACTOR))}
+        config["rope_scaling"] = {"type": "linear", "factor": number(K.Rope.SCALING_FACTOR)}
     elif scaling != "none":
         raise GGUFError(f"{source}: rope scaling {scaling!r} is not supported (none, linear, or "
                         "a rope_freqs tensor)")

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import one_line
+from ..loading import readable
 from .metadata import ARCHS, LOADABLE, GGUFError, _unscaled_freqs, hf_config, llama_unpermute, read_memosight
 from .tokenizer import build_tokenizer, read_tokenizer_meta
 
@@ -40,6 +41,7 @@ def scan_gguf(path) -> Dict[str, Tuple[tuple, "gguf.GGMLQuantizationType"]]:
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     size = path.stat().st_size
+    readable(path, GGUFError)
     with open(path, "rb") as f:
         if size < 24 or f.read(4) != b"GGUF":
             raise GGUFError(f"{path}: not a GGUF file (no GGUF magic at its start)")
@@ -168,7 +170,11 @@ def build_model(config: dict, arrays: Dict[str, mx.array], source: str) -> nn.Mo
     from ..model import attach_token_rope
 
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(config))
+    try:
+        model = module.Model(module.ModelArgs.from_dict(config))
+    except Exception as e:  # the architecture keys were checked one by one; not together
+        raise GGUFError(f"{source}: mlx-lm builds no {config['model_type']} model from these "
+                        f"architecture keys ({one_line(e)})"[:300])
     arch = ARCHS[config["model_type"]]
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]

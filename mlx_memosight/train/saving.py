@@ -58,6 +58,34 @@ def load_base(model_path):
     return folder.model, folder.tokenizer, folder.config, folder.memosight
 
 
+def read_adapters(adapter_path):
+    """The configuration of a folder of MemoSight adapters, checked before
+    any weight is loaded: ``adapter_config.json`` with its ``memosight``
+    object, and a whole ``adapters.safetensors``.
+
+    Returns:
+        ``(adapter config, MemoSight configuration)``.
+    """
+    adapter_path = Path(adapter_path)
+    ac = read_adapter_config(adapter_path)
+    where = adapter_path / ADAPTER_CONFIG
+    if not (adapter_path / ADAPTER_FILE).is_file():
+        raise TrainError(f"{adapter_path / ADAPTER_FILE}: file not found (adapter_path={adapter_path})")
+    if not isinstance(ac.get("memosight"), dict):
+        raise TrainError(f"{where}: not MemoSight adapters (no 'memosight' object)")
+    for key, kind in (("fine_tune_type", str), ("num_layers", int), ("base_fingerprint", str)):
+        if key in ac and (not isinstance(ac[key], kind) or isinstance(ac[key], bool)):
+            raise TrainError(f"{where}: {key} must be a {kind.__name__}")
+    if not isinstance(ac.get("lora_parameters", {}), (dict, type(None))):
+        raise TrainError(f"{where}: lora_parameters must be an object")
+    cfg = MemoSightConfig.from_dict(ac["memosight"], str(where))
+    try:
+        check_weight_files([adapter_path / ADAPTER_FILE])
+    except ConfigError as e:
+        raise TrainError(str(e))
+    return ac, cfg
+
+
 def apply_adapters(model, tokenizer, adapter_path, model_path=None) -> MemoSightConfig:
     """Load MemoSight adapters into a loaded model, as ``mlx_lm.load(...,
     adapter_path=...)`` does. The model may be the plain base the adapters
@@ -74,16 +102,7 @@ def apply_adapters(model, tokenizer, adapter_path, model_path=None) -> MemoSight
     from mlx_lm.tuner.utils import load_adapters
 
     adapter_path = Path(adapter_path)
-    ac = read_adapter_config(adapter_path)
-    if not (adapter_path / ADAPTER_FILE).is_file():
-        raise TrainError(f"{adapter_path / ADAPTER_FILE}: file not found (adapter_path={adapter_path})")
-    if not isinstance(ac.get("memosight"), dict):
-        raise TrainError(f"{adapter_path / ADAPTER_CONFIG}: not MemoSight adapters (no 'memosight' object)")
-    cfg = MemoSightConfig.from_dict(ac["memosight"], str(adapter_path / ADAPTER_CONFIG))
-    try:
-        check_weight_files([adapter_path / ADAPTER_FILE])
-    except ConfigError as e:
-        raise TrainError(str(e))
+    ac, cfg = read_adapters(adapter_path)
     add_token_rows(model, tokenizer)
     recorded = ac.get("base_fingerprint")
     if recorded is not None and recorded != model_fingerprint(model):
