@@ -2,6 +2,7 @@
 packaged demo model."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,8 @@ def test_gsm8k_end_to_end(tmp_path, cli):
     r = cli("--data", data, "--limit", 5, "--max-tokens", 200, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "Accuracy:" in r.stdout and "Compress events:" in r.stdout and "Drafts accepted:" in r.stdout
+    # the progress bar counts answers (no accuracy shown before any item is done)
+    assert re.search(r"\b[0-5]/5 correct", r.stderr) and "accuracy=" not in r.stderr
     recs = lines(out)
     assert [x["id"] for x in recs] == ["math/0", "math/1", "math/2", "math/3", "math/4"]
     gold = json.loads(data.read_text())["math"][:5]
