@@ -45,9 +45,13 @@ FAMILIES = {
                   lm_loss_weight=0.7, mtp_loss_weight=0.3),
     "llama": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", compression_ratio=5, max_offset=3,
                   lm_loss_weight=1.0, mtp_loss_weight=0.3),
+    "qwen3": dict(bos="<|im_start|>", eos="<|im_end|>", compression_ratio=6, max_offset=2,
+                  lm_loss_weight=0.7, mtp_loss_weight=0.3),
 }
 PROMPTS = {
     "qwen2": "{bos}system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+             "<|im_start|>assistant\n",
+    "qwen3": "{bos}system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
              "<|im_start|>assistant\n",
     "llama": "{bos}<|start_header_id|>system<|end_header_id|>\n{system}<|eot_id|>"
              "<|start_header_id|>user<|end_header_id|>\n{question}<|eot_id|>"
@@ -135,8 +139,9 @@ def load_tokenizer(tokenizer):
 def base_model(family: str, vocab: int, hidden: int, layers: int, heads: int,
                kv_heads: Optional[int], intermediate: Optional[int], tie: Optional[bool],
                seed: int, tokenizer=None):
-    """A randomly initialised float32 Qwen2 / Llama model."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A randomly initialised float32 Qwen2 / Llama / Qwen3 model."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(
@@ -159,8 +164,12 @@ def base_model(family: str, vocab: int, hidden: int, layers: int, heads: int,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
             tie_word_embeddings=False if tie is None else tie)
+    elif family == "qwen3":
+        cls, cfg = Qwen3ForCausalLM, Qwen3Config(
+            **common, head_dim=max(8, hidden // heads * 2), rope_theta=1000000.0,
+            tie_word_embeddings=True if tie is None else tie)
     else:
-        raise ValueError(f"family must be qwen2 or llama, not {family!r}")
+        raise ValueError(f"family must be qwen2, llama or qwen3, not {family!r}")
     if tokenizer is not None:
         _, bos, eos = template_tokens(family, tokenizer)
         cfg.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
@@ -396,7 +405,7 @@ def make_checkpoint(
 def main():
     p = argparse.ArgumentParser(description="Make a small PyTorch-trained MemoSight checkpoint.")
     p.add_argument("-o", "--out", required=True, help="Checkpoint folder to write.")
-    p.add_argument("--family", choices=["qwen2", "llama"], default="qwen2")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="qwen2")
     p.add_argument("--tokenizer", default="bpe",
                    help="A tokenizer folder, or 'bpe' for a small self-contained one.")
     p.add_argument("--hidden", type=int, default=64)

@@ -166,6 +166,8 @@ TEMPLATES: Dict[str, Template] = {
 FAMILY_DEFAULTS = {
     "qwen2": dict(template="qwen", compression_ratio=6, max_offset=2, lm_loss_weight=0.7, mtp_loss_weight=0.3),
     "llama": dict(template="llama3", compression_ratio=5, max_offset=3, lm_loss_weight=1.0, mtp_loss_weight=0.3),
+    # Qwen3 speaks ChatML as Qwen2 does; the reference has no Qwen3 setting, so Qwen's apply
+    "qwen3": dict(template="qwen", compression_ratio=6, max_offset=2, lm_loss_weight=0.7, mtp_loss_weight=0.3),
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_DEFAULTS)
 DEFAULT_DRAFT_LEN = 2

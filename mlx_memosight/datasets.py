@@ -55,6 +55,36 @@ def split_steps(text: str) -> List[str]:
     return [p.strip() for p in STEP_BOUNDARY.split(text) if p.strip()]
 
 
+# Markers that open or close a thinking block or a solution (R1's <think>,
+# Bespoke-Stratos's markup). On a line of their own they would be steps of
+# their own; in chat records they join the step they open or close instead.
+OPENING_MARKERS = ("<think>", "<|begin_of_thought|>", "<|begin_of_solution|>")
+CLOSING_MARKERS = ("</think>", "<|end_of_thought|>", "<|end_of_solution|>")
+
+
+def split_reasoning(text: str) -> List[str]:
+    """Steps of an assistant message (chat records): :func:`split_steps`,
+    with a marker that stands alone joined to the step it opens or closes.
+
+    ``"<think>\n\nA\n\nB\n\n</think>\n\nC"`` gives
+    ``["<think>\nA", "B\n</think>", "C"]``: the thinking block's steps, then
+    the answer's, each compressed when it is finished; the markers are
+    generated where they stand."""
+    steps: List[str] = []
+    pending = ""
+    for part in split_steps(text):
+        if part in OPENING_MARKERS:
+            pending += part + "\n"
+        elif part in CLOSING_MARKERS and steps and not pending:
+            steps[-1] += "\n" + part
+        else:
+            steps.append(pending + part)
+            pending = ""
+    if pending:
+        steps.append(pending.rstrip("\n"))
+    return steps
+
+
 def _string(record: dict, key: str, where: str, required: bool = True) -> Optional[str]:
     if key not in record or record[key] is None:
         if required:
@@ -81,10 +111,33 @@ def _chat_example(messages, where: str) -> Example:
         if not isinstance(content, str):
             raise DataError(f"{where}: messages[{i}] has no string 'content'")
         parts[m["role"]] = content
-    thoughts = split_steps(parts["assistant"])
+    thoughts = split_reasoning(parts["assistant"])
     if not thoughts:
         raise DataError(f"{where}: the assistant message is empty")
     return Example(question=parts["user"], thoughts=thoughts, system=parts.get("system"))
+
+
+SHAREGPT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                  "gpt": "assistant"}
+
+
+def _sharegpt_messages(record: dict, where: str) -> list:
+    """The ShareGPT shape (Bespoke-Stratos-17k, OpenThoughts): ``system`` and
+    ``conversations`` of ``{"from", "value"}``, as chat messages."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: field 'conversations' must be a list of objects")
+    messages = []
+    system = _string(record, "system", where, required=False)
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for i, t in enumerate(turns):
+        role = SHAREGPT_ROLES.get(t.get("from"))
+        if role is None:
+            raise DataError(f"{where}: conversations[{i}].from must be one of "
+                            f"{', '.join(SHAREGPT_ROLES)}"[:200])
+        messages.append({"role": role, "content": t.get("value")})
+    return messages
 
 
 def parse_record(record, where: str) -> Example:
@@ -97,6 +150,8 @@ def parse_record(record, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
     if "messages" in record:
         return _chat_example(record["messages"], where)
+    if "conversations" in record:
+        return _chat_example(_sharegpt_messages(record, where), where)
     question = _string(record, "question", where)
     system = _string(record, "system_prompt", where, required=False)
     add_eos = record.get("add_eos", True)

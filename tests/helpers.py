@@ -64,6 +64,14 @@ def hf_model(family: str, vocab: int, seed: int = 0, **kw):
             },
         )
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        common.setdefault("num_key_value_heads", 2)
+        common.setdefault("head_dim", 32)  # wider than hidden / heads, as Qwen3's 0.6B is
+        common.setdefault("rope_theta", 1000000.0)
+        common.setdefault("tie_word_embeddings", True)
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
     else:
         raise ValueError(family)
     return model.eval()
@@ -114,8 +122,9 @@ def make_bpe_tokenizer(path=None, vocab_size=300):
 
 def mlx_model(family: str, vocab: int, seed: int = 0, **kw):
     """A tiny random mlx-lm model, MemoSight-ready."""
+    import importlib
+
     import mlx.core as mx
-    from mlx_lm.models import llama, qwen2
 
     from mlx_memosight.model import attach_token_rope
 
@@ -133,7 +142,10 @@ def mlx_model(family: str, vocab: int, seed: int = 0, **kw):
         tie_word_embeddings=family == "qwen2",
     )
     args.update(kw)
-    module = qwen2 if family == "qwen2" else llama
+    if family == "qwen3":
+        args.setdefault("head_dim", 32)
+        args.setdefault("rope_theta", 1000000.0)
+    module = importlib.import_module(f"mlx_lm.models.{family}")
     model = module.Model(module.ModelArgs.from_dict(args))
     mx.eval(model.parameters())
     return attach_token_rope(model), args

@@ -22,7 +22,7 @@ from mlx_memosight.model import TokenRoPE, forward  # noqa: E402
 
 TOL = 1e-4
 IDS = spec_token_ids()
-FAMILIES = ["qwen2", "llama"]
+FAMILIES = ["qwen2", "llama", "qwen3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -52,6 +52,10 @@ def test_transformers5_config_is_read(models):
     if family == "qwen2":
         assert config["rope_theta"] == 12345.0
         assert rope.base.base == 12345.0
+    elif family == "qwen3":
+        # q / k norms before RoPE, over a head dimension wider than hidden / heads
+        attn = mlx_model.layers[0].self_attn
+        assert attn.q_norm.weight.shape == (32,) and attn.rope.base.dims == 32
     else:
         assert config["rope_scaling"]["rope_type"] == "llama3"
         assert type(rope.base).__name__ == "Llama3RoPE"

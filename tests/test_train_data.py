@@ -64,6 +64,44 @@ def test_record_formats():
     assert chat.system == "S"
 
 
+# Records shaped as the reasoning data sets users fine-tune on: Bespoke-Stratos-17k
+# (ShareGPT "conversations", the reference's thought / solution markup) and
+# R1-style chat records with a <think> block, written here from their published formats.
+BESPOKE = {
+    "system": "Your role as an assistant involves thoroughly exploring questions ...",
+    "conversations": [
+        {"from": "user", "value": "Return your final response within \\boxed{}. What is 3 + 4?"},
+        {"from": "assistant", "value": "<|begin_of_thought|>\n\nOkay, I need 3 + 4.\n\n"
+                                       "Adding gives 7.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n"
+                                       "3 + 4 = 7, so the answer is \\boxed{7}.\n\n<|end_of_solution|>"},
+    ],
+}
+R1 = {"messages": [
+    {"role": "user", "content": "What is 12 * 5?"},
+    {"role": "assistant", "content": "<think>\nTwelve times five.\n\n12 * 5 = 60.\n</think>\n\n"
+                                     "The product is 60.\n\n**Answer:** \\boxed{60}"},
+]}
+R1_SPACED = {"messages": [
+    {"role": "user", "content": "Q"},
+    {"role": "assistant", "content": "<think>\n\nFirst.\n\nSecond.\n\n</think>\n\nAnswer."},
+]}
+
+
+def test_reasoning_data_set_records():
+    """A thinking block's steps are split inside it, its markers join the steps
+    they open and close, and the answer after it is split into steps too."""
+    b = parse_record(BESPOKE, "f:1")
+    assert b.system.startswith("Your role") and b.question.endswith("What is 3 + 4?")
+    assert b.thoughts == ["<|begin_of_thought|>\nOkay, I need 3 + 4.", "Adding gives 7.\n<|end_of_thought|>",
+                          "<|begin_of_solution|>\n3 + 4 = 7, so the answer is \\boxed{7}.\n<|end_of_solution|>"]
+    r1 = parse_record(R1, "f:2")
+    assert r1.thoughts == ["<think>\nTwelve times five.", "12 * 5 = 60.\n</think>", "The product is 60.",
+                           "**Answer:** \\boxed{60}"]
+    assert parse_record(R1_SPACED, "f:3").thoughts == ["<think>\nFirst.", "Second.\n</think>", "Answer."]
+    with pytest.raises(DataError, match="f:4: conversations\\[0\\].from must be one of"):
+        parse_record({"conversations": [{"from": "bot", "value": "x"}]}, "f:4")
+
+
 @pytest.mark.parametrize("record, message", [
     ({"gt_output": "a"}, "f:7: missing field 'question'"),
     ({"question": "Q"}, "f:7: missing field 'thoughts_list' or 'gt_output'"),

@@ -56,7 +56,7 @@ def torch_terms(hf, ex, max_length=None):
     return lay, torch_layout.joint_loss_terms(out[0], lay["labels"], lay["is_foresight"])
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3"])
 def models(request, tmp_path_factory):
     family = request.param
     hf = hf_model(family, vocab_size())

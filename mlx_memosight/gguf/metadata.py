@@ -21,7 +21,7 @@ QTYPES = {t: _Q[t.upper()] for t in GGUF_TYPES}
 FILE_TYPES = {t: _F.ALL_F32 if t == "f32" else _F[f"MOSTLY_{t.upper()}"] for t in GGUF_TYPES}
 LOADABLE = set(QTYPES.values())
 # llama.cpp's architecture for each model family
-ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "llama": gguf.MODEL_ARCH.LLAMA}
+ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}
 PREFIX = "memosight"
 
 
@@ -118,9 +118,8 @@ def hf_config(meta: dict, tensors: dict, source: str) -> dict:
     if tensors[embd][0][1] != hidden:
         raise GGUFError(f"{source}: {embd} has {tensors[embd][0][1]} columns but "
                         f"{arch}.embedding_length is {hidden}")
-    head_dim = count(K.Attention.KEY_LENGTH, None, False, high=1 << 12)
-    if head_dim is not None:
-        config["head_dim"] = head_dim
+    # qwen3's ModelArgs needs head_dim; the others take it when given
+    config["head_dim"] = count(K.Attention.KEY_LENGTH, None, False, high=1 << 12) or hidden // heads
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     scaling = key(K.Rope.SCALING_TYPE, "none", False)
