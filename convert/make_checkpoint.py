@@ -179,6 +179,18 @@ def base_model(family: str, vocab: int, hidden: int, layers: int, heads: int,
 
 
 @torch.no_grad()
+def init_token_rows(matrix: torch.Tensor, tokenizer, added: list, n_base: int):
+    """Set the rows of the ``added`` tokens (ids ``n_base`` on, in order) of an
+    embedding or ``lm_head`` matrix as the reference does: each to the mean of
+    the rows of its description's tokens, descriptions tokenised after every
+    token was added, rows set from the last added token back to the first (so
+    ``<|splitter|>`` copies the freshly set row of the added ``"\\n\\n"``)."""
+    for k in reversed(range(len(added))):
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(added[k][1]))
+        matrix[n_base + k, :] = matrix[ids].float().mean(dim=0).to(matrix.dtype)
+
+
+@torch.no_grad()
 def add_tokens_as_reference(model, tokenizer) -> list:
     """Add the MemoSight tokens and initialise their rows as the reference does.
 
@@ -188,18 +200,14 @@ def add_tokens_as_reference(model, tokenizer) -> list:
     added = [(t, d) for t, d in MEMOSIGHT_TOKENS if not _known(tokenizer, t)]
     if not added:
         return added
+    n_base = len(tokenizer)
     tokenizer.add_tokens([t for t, _ in added], special_tokens=True)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    tied = head.data_ptr() == embed.data_ptr()
-    # Descriptions are tokenised after every token was added, and rows are set
-    # from the last added token back to the first.
-    for idx, (_, description) in enumerate(reversed(added), start=1):
-        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(description))
-        embed[-idx, :] = embed[ids].mean(dim=0)
-        if not tied:
-            head[-idx, :] = head[ids].mean(dim=0)
+    init_token_rows(embed, tokenizer, added, n_base)
+    if head.data_ptr() != embed.data_ptr():
+        init_token_rows(head, tokenizer, added, n_base)
     return added
 
 

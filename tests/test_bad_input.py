@@ -195,6 +195,8 @@ CASES = {
         p, "embed_tokens", lambda w: np.full_like(w, np.nan)))), ["NaN or infinite logits"]),
     "gen-weights-wrong-shape": Case(G, lambda e: gen(e, model=mlx_copy(e, lambda p: rewrite_tensor(
         p, "norm.weight", lambda w: w[:3]))), ["mlx-lm cannot load the model"]),
+    "gen-unknown-rope-scaling": Case(G, lambda e: gen(e, model=mlx_copy(e, lambda p: edit_json(
+        p / "config.json", rope_scaling={"rope_type": "wibble", "factor": 2.0}))), ["mlx-lm cannot load the model", "wibble"]),
     "gen-tokenizer-corrupt": Case(G, lambda e: gen(e, model=mlx_copy(e, lambda p: raw_json(p / "tokenizer.json", "{"))),
                                   ["cannot load the tokenizer"]),
     "gen-memosight-not-json": Case(G, lambda e: gen(e, model=mlx_copy(e, lambda p: raw_json(p / "memosight.json", "{,}"))),
@@ -260,6 +262,12 @@ CASES = {
                                 ["--compression-ratio must be at least 1"]),
     "conv-override-plain": Case(C, lambda e: [e.shared["plain_ckpt"], "-o", e.out / "m", "--compression-ratio", 4],
                                 ["no MemoSight tokens"]),
+    "conv-qwen3-without-qk-norms": Case(C, lambda e: [_ckpt(e, lambda p: _drop_tensors(p, "_norm.weight", "self_attn"), "qwen3_ckpt"),
+                                                      "-o", e.out / "m"], ["lack the tensor", "self_attn.q_norm.weight", "config.json implies"]),
+    "conv-unknown-rope-scaling": Case(C, lambda e: [_ckpt(e, lambda p: edit_json(p / "config.json", rope_scaling={"rope_type": "wibble", "factor": 2.0})),
+                                                    "-o", e.out / "m"], ["cannot build a qwen2 model", "wibble"]),
+    "conv-embedding-short": Case(C, lambda e: [_ckpt(e, lambda p: rewrite_tensor(p, "embed_tokens", lambda w: w[:500])), "-o", e.out / "m"],
+                                 ["embed_tokens.weight has shape [500, ", "vocab_size"]),
     "conv-disk-full": Case(C, lambda e: [e.shared["ckpt"], "-o", e.out / "m"], ["writing failed (No space left on device)"],
                            runner="disk-full"),
     "conv-file-size-limit": Case(C, lambda e: [e.shared["ckpt"], "-o", e.out / "m"], ["writing failed (File too large)"],
@@ -378,11 +386,21 @@ def _drop_key(path: Path, key: str):
     path.write_text(json.dumps(d))
 
 
-def _ckpt(e: Env, change=None) -> Path:
-    p = e.copy("ckpt")
+def _ckpt(e: Env, change=None, which: str = "ckpt") -> Path:
+    p = e.copy(which, "ckpt")
     if change:
         change(p)
     return p
+
+
+def _drop_tensors(folder: Path, *parts):
+    """Remove the tensors whose names hold every one of ``parts`` from a
+    single-file safetensors checkpoint."""
+    from safetensors.numpy import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(f)).items() if not all(p in k for p in parts)}
+    save_file(tensors, str(f), metadata={"format": "pt"})
 
 
 def _index_names(name: str):
@@ -442,6 +460,7 @@ def shared(tmp_path_factory):
     d = {"mlx": reasoner[0]}
     ckpt = make_checkpoint(root / "ckpt", family="qwen2", steps=1, max_shard_size="100KB")["path"]
     d["ckpt"] = ckpt
+    d["qwen3_ckpt"] = make_checkpoint(root / "qwen3_ckpt", family="qwen3", steps=1)["path"]
     d["plain_ckpt"] = make_checkpoint(root / "plain_ckpt", family="qwen2", steps=1, memosight=False)["path"]
     d["base"] = make_base_model(root / "base")
     d["other_base"] = make_base_model(root / "other", seed=1)

@@ -491,7 +491,8 @@ def llama_cpp_model():
 
 
 @pytest.mark.parametrize("family, tokenizer, pre", [("qwen2", "qwen2", "qwen2"),
-                                                    ("llama", "llama3", "llama-bpe")])
+                                                    ("llama", "llama3", "llama-bpe"),
+                                                    ("qwen3", "qwen2", "qwen2")])
 def test_llama_cpp_runs_the_exported_f16_file(family, tokenizer, pre, tmp_path, llama_cpp_model):
     """llama.cpp loads the f16 file of a real-tokenizer model, tokenizes like the
     Hugging Face tokenizer, computes the same logits within float16 rounding
