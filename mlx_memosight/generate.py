@@ -69,6 +69,7 @@ def _generate(args):
 
     import mlx.core as mx
 
+    from .backend import cpu_dtype_advice, model_dtype
     from .generation import (GenerationResult, device_line, format_stats, prompt_ids, special_ids,
                              stats_json, stream_generate)
     from .loading import load, memosight_notice, resolve_model
@@ -83,6 +84,9 @@ def _generate(args):
     cfg = model.memosight_config
     if cfg is None:
         print(memosight_notice(model_path), file=sys.stderr)
+    advice = cpu_dtype_advice(*model_dtype(model))
+    if advice:
+        print(f"notice: {model_path}: {advice}", file=sys.stderr)
     ids = prompt_ids(tokenizer, prompt, cfg, args.system, args.raw_prompt)
     context = getattr(model.args, "max_position_embeddings", None)
     if context and len(ids) + options.max_tokens > context:

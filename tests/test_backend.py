@@ -45,3 +45,33 @@ def test_the_with_openblas_script_refuses_no_command():
     out = subprocess.run(["bash", str(REPO / "examples" / "with_openblas.sh")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_cpu_dtype_advice(monkeypatch):
+    """On the CPU, float16 and quantized weights get a notice; float32 and
+    bfloat16 do not, and nothing does on a GPU."""
+    import mlx.core as mx
+
+    from mlx_memosight import backend
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert backend.cpu_dtype_advice("float32") is None and backend.cpu_dtype_advice("bfloat16") is None
+    assert "half the speed" in backend.cpu_dtype_advice("float16")
+    assert "30x slower" in backend.cpu_dtype_advice("bfloat16", quantized=True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert backend.cpu_dtype_advice("float16", quantized=True) is None
+
+
+def test_generate_and_convert_say_so(tmp_path, capsys):
+    from helpers import run_command
+    from mlx_memosight.convert import main as convert_main
+    from mlx_memosight.demo import demo_model_path
+    from mlx_memosight.generate import main as generate_main
+
+    code, _, err = run_command(convert_main, [demo_model_path(), "-o", tmp_path / "q", "-q", "--q-group-size", 32],
+                               capsys)
+    assert code == 0 and "quantized weights run about 30x slower" in err
+    code, _, err = run_command(generate_main, ["--model", tmp_path / "q", "--prompt", "x", "--max-tokens", 2], capsys)
+    assert code == 0 and "quantized weights run about 30x slower" in err
+    code, _, err = run_command(generate_main, ["--prompt", "x", "--max-tokens", 2], capsys)
+    assert code == 0 and "notice" not in err  # the demo model is float32

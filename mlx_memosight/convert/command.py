@@ -109,6 +109,7 @@ def convert(
         ConvertError: with a one-line message; nothing is left at ``out_path``
             or ``gguf``.
     """
+    from ..backend import cpu_dtype_advice
     from ..config import CONFIG_FILE
     from ..gguf import export_gguf
     from ..loading import is_mlx_folder
@@ -163,6 +164,9 @@ def convert(
         print(f"notice: {ckpt_path} has no MemoSight tokens; converting it as a plain "
               f"{ckpt.model_type} model (no {CONFIG_FILE})", file=sys.stderr)
     plan = plan_conversion(ckpt, dtype, quantize, q_group_size, q_bits)
+    advice = cpu_dtype_advice(plan.dtype, plan.quantization is not None)
+    if advice:
+        print(f"notice: {out_path}: {advice}", file=sys.stderr)
     result = None
     with staged_folder(out_path, force) as tmp:
         try:
