@@ -149,7 +149,7 @@ class Engine:
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
-                 foresight_sets: str = "auto", prefill_step_size: int = 512,
+                 foresight_sets: str = "auto", prefill_step_size: int = 2048,
                  sampler: Optional[Callable] = None, logits_processors: Sequence[Callable] = (),
                  stop_ids: Sequence[int] = (), max_position: Optional[int] = None):
         for name, value in (("draft_len", draft_len), ("foresight", foresight), ("compress", compress),
@@ -201,19 +201,20 @@ class Engine:
         return logits[0]
 
     def _prefill(self, prompt: List[int]) -> mx.array:
-        """Prefill the prompt in chunks; returns the logits at its last token."""
-        n = len(prompt)
-        start = 0
-        while True:
-            chunk = prompt[start : start + self.prefill_step_size]
-            p = self.builder.prefill(chunk, start, self.cache.length)
-            last = start + len(chunk) >= n
-            logits = self._run(p, np.array([len(chunk) - 1]))
+        """Prefill the prompt; returns the logits at its last token.
+
+        All but the last token go in chunks of which only the KV entries are
+        evaluated (as mlx-lm does: the last layer's attention output and MLP
+        never run for them), then the last token alone gives the logits."""
+        n, start = len(prompt), 0
+        while n - start > 1:
+            chunk = prompt[start : min(start + self.prefill_step_size, n - 1)]
+            self._run(self.builder.prefill(chunk, start, self.cache.length), np.array([len(chunk) - 1]))
             self.stats.prefill_passes += 1
-            if last:
-                return logits
-            mx.eval([c.keys for c in self.cache.layers])
+            mx.eval([x for c in self.cache.layers for x in (c.keys, c.values)])
             start += len(chunk)
+        self.stats.prefill_passes += 1
+        return self._run(self.builder.prefill(prompt[start:], start, self.cache.length), np.array([0]))
 
     # -- selection -----------------------------------------------------------
     def _commit(self, tokens):

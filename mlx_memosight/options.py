@@ -226,7 +226,7 @@ class GenerationOptions(Options):
                                        "or output (1: off; 1.1 reproduces the reference "
                                        "evaluation)", above=0.0)
     seed: Optional[int] = option(None, "random seed of the sampler", kind=int, low=0)
-    prefill_step_size: int = option(512, "prompt tokens per prefill pass", low=1)
+    prefill_step_size: int = option(2048, "prompt tokens per prefill pass (as mlx-lm)", low=1)
 
     def engine_options(self) -> Dict[str, Any]:
         return dict(draft_len=self.draft_len, foresight=self.foresight, compress=self.compress,

@@ -165,7 +165,8 @@ def test_chunked_prefill(loaded):
     prompt = prompts(task)[0] * 5
     a, _, _ = run(model, cfg, prompt, 40, draft_len=2)
     b, stats, _ = run(model, cfg, prompt, 40, draft_len=2, prefill_step_size=3)
-    assert a == b and stats.prefill_passes == 7
+    # 19 of the 20 tokens in chunks of 3, then the last one alone
+    assert a == b and stats.prefill_passes == 8
 
 
 def test_token_budget_is_exact(loaded):

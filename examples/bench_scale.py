@@ -1,0 +1,222 @@
+"""This project against mlx-lm at a real model's shape, side by side in one run.
+
+    python examples/bench_scale.py qwen2.5-0.5b-instruct [--layers N] [--sections convert,decode,prefill,passes]
+
+For a random-weight MemoSight checkpoint of the shape (``convert.real_shapes``,
+bfloat16, hub-style shards):
+
+* convert: wall time and peak RSS of ``mlx_memosight.convert`` and
+  ``mlx_lm.convert``, each in its own process;
+* decode: tokens/s of mlx-lm's greedy decoding and of this engine in plain
+  mode (no drafting, no compression: the same work), for float32, float16,
+  bfloat16 and 4-bit weights, interleaved;
+* prefill: prompt tokens/s of both on a long prompt;
+* passes: what a pass of k tokens (k = 1..17) costs relative to a 1-token
+  pass, the engine's own host time (building a fused pass) as a share of
+  it, and the speed-up full MemoSight would reach at this shape: tokens per
+  pass measured on the demo model (README) divided by the cost ratio of its
+  pass size. That last figure is a projection, not a measurement.
+
+Depth can be reduced (``--layers``) where the full model would not fit the
+machine's time; the report says so on every table.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_convert import run  # noqa: E402
+
+# Tokens per forward pass of full MemoSight on the demo model's 200 held-out
+# problems (README, "The demo model": 0.306 passes per token at draft length
+# 3 with a foresight set after every prefix, 0.391 at draft length 2 with the
+# last set only), and the size of those passes.
+DEMO_TOKENS_PER_PASS = {("all", 3): (1 / 0.306, 1 + 3 + 4 * 3), ("last", 2): (1 / 0.391, 1 + 2 + 2)}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def checkpoint(work: Path, shape: str, layers, shard: str) -> Path:
+    from convert.real_shapes import make_real_checkpoint
+
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        t = time.perf_counter()
+        info = make_real_checkpoint(ckpt, shape, layers, "bfloat16", shard)
+        log(f"checkpoint: {shape}, {info['config']['num_hidden_layers']} layers, {info['bytes'] / 1e9:.2f} GB "
+            f"in {len(info['files'])} shard(s) of at most {shard} ({time.perf_counter() - t:.0f} s to make)")
+    return ckpt
+
+
+def bench_convert(work: Path, ckpt: Path):
+    largest = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    rows = []
+    for name, cmd, out in (
+            ("mlx_memosight.convert", [sys.executable, "-m", "mlx_memosight.convert", ckpt, "-o", work / "ms"],
+             work / "ms"),
+            ("mlx_lm.convert", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", ckpt, "--mlx-path",
+                                work / "lm"], work / "lm")):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        wall, cpu, rss = run([str(c) for c in cmd], work / f"{name}.log")
+        rows.append((name, wall, cpu, rss))
+    log(f"{'tool':<24}{'wall s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'RSS/shard':>11}")
+    for name, wall, cpu, rss in rows:
+        log(f"{name:<24}{wall:>8.1f}{cpu:>8.1f}{rss / 1e9:>13.2f}{rss / largest:>10.2f}x")
+    log(f"time ratio (ours / mlx_lm): {rows[0][1] / rows[1][1]:.2f}; largest shard {largest / 1e9:.2f} GB")
+    return work / "ms"
+
+
+def variants(work: Path, mlx_dir: Path, dtypes):
+    """The converted model in each dtype (4-bit: group 64, from float16)."""
+    from mlx_memosight.convert import convert
+
+    out = {}
+    for d in dtypes:
+        path = work / f"mlx-{d}"
+        if not (path / "config.json").exists():
+            if d == "4bit":
+                convert(work / "ckpt", path, dtype="float16", quantize=True, progress=False, log=lambda *a: None)
+            else:
+                convert(work / "ckpt", path, dtype=d, progress=False, log=lambda *a: None)
+        out[d] = path
+    return out
+
+
+def mlx_lm_decode(model, prompt, n):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    tic, first, count = time.perf_counter(), None, 0
+    for _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+    end = time.perf_counter()
+    return (count - 1) / (end - first), len(prompt) / (first - tic)
+
+
+def engine_decode(model, prompt, n):
+    from mlx_memosight.engine import Engine
+
+    e = Engine(model, None, foresight=False, compress=False)
+    for _ in e.generate(prompt, n):
+        pass
+    st = e.stats
+    return (st.generated_tokens - 1) / st.generation_time, st.prompt_tps
+
+
+def bench_decode(paths, n, repeats, note):
+    from mlx_memosight.loading import load
+
+    log(f"decode, {n} tokens after a 32-token prompt, best of {repeats} interleaved runs{note}")
+    log(f"{'weights':<10}{'mlx_lm tok/s':>14}{'engine tok/s':>14}{'ratio':>8}")
+    for d, path in paths.items():
+        model, _ = load(path)
+        prompt = [(7 * i + 11) % 1000 + 100 for i in range(32)]
+        mine, theirs = [], []
+        for _ in range(repeats):
+            theirs.append(mlx_lm_decode(model, prompt, n)[0])
+            mine.append(engine_decode(model, prompt, n)[0])
+        log(f"{d:<10}{max(theirs):>14.2f}{max(mine):>14.2f}{max(mine) / max(theirs):>7.2f}x")
+        del model
+
+
+def bench_prefill(path, tokens, repeats, note):
+    from mlx_memosight.loading import load
+
+    model, _ = load(path)
+    prompt = [(7 * i + 11) % 5000 + 100 for i in range(tokens)]
+    mine, theirs = [], []
+    for _ in range(repeats):
+        theirs.append(mlx_lm_decode(model, prompt, 2)[1])
+        mine.append(engine_decode(model, prompt, 2)[1])
+    log(f"prefill of a {tokens}-token prompt ({path.name}{note}): mlx_lm {max(theirs):.1f} tok/s, engine "
+        f"{max(mine):.1f} tok/s, ratio {max(mine) / max(theirs):.2f}x")
+
+
+def bench_passes(path, note):
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_memosight.backend import pass_costs
+    from mlx_memosight.config import MemoSightConfig
+    from mlx_memosight.kernels import CompactMask
+    from mlx_memosight.layout import PassBuilder
+    from mlx_memosight.loading import load
+
+    model, _ = load(path)
+    sizes = list(range(1, 18))
+    costs = pass_costs(model, sizes, cached=256, rounds=5)
+    log(f"pass cost relative to a 1-token pass ({path.name}, 256 cached entries{note}; "
+        f"1-token pass {costs[1] * 1e3:.1f} ms)")
+    log("  k: " + " ".join(f"{k:>5}" for k in sizes))
+    log("     " + " ".join(f"{costs[k] / costs[1]:>5.2f}" for k in sizes))
+    cfg = MemoSightConfig.load(path)
+    builder = PassBuilder(cfg)
+    host = []
+    for _ in range(50):
+        tic = time.perf_counter()
+        p = builder.decode(5, 300, 256, drafts=[6, 7, 8], draft_len=3)
+        CompactMask.from_rule(p.rule)
+        mx.array(p.tokens), mx.array(p.positions)
+        host.append(time.perf_counter() - tic)
+    h = statistics.median(host)
+    log(f"engine host time to lay out a fused pass (16 tokens): {h * 1e3:.2f} ms, "
+        f"{h / costs[16]:.1%} of that pass's cost")
+    for (sets, g), (tpp, size) in DEMO_TOKENS_PER_PASS.items():
+        log(f"projected full-MemoSight speed-up at this shape (foresight sets {sets}, draft length {g}): "
+            f"{tpp:.2f} tokens per pass (demo model) / {costs[size] / costs[1]:.2f} (cost of a {size}-token pass) "
+            f"= {tpp * costs[1] / costs[size]:.2f}x plain decoding -- a projection, not a measurement")
+    return np
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("shape", help="a name from convert/shapes.json")
+    p.add_argument("--layers", type=int, help="reduce the depth (default: the model's)")
+    p.add_argument("--prefill-layers", type=int, help="depth for the prefill section (default: --layers)")
+    p.add_argument("--work", default=None, help="folder for the checkpoint and conversions")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--sections", default="convert,decode,prefill,passes")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    from mlx_memosight.backend import describe
+
+    sections = args.sections.split(",")
+    work = Path(args.work or ROOT / ".work" / f"bench_scale-{args.shape}-{args.layers or 'full'}")
+    work.mkdir(parents=True, exist_ok=True)
+    note = f", depth reduced to {args.layers} layers" if args.layers else ""
+    log(f"shape: {args.shape}{note}; device: {describe()}")
+    ckpt = checkpoint(work, args.shape, args.layers, args.max_shard_size)
+    if "convert" in sections:
+        bench_convert(work, ckpt)
+    paths = variants(work, ckpt, args.dtypes.split(","))
+    if "decode" in sections:
+        bench_decode(paths, args.decode_tokens, args.repeats, note)
+    if "prefill" in sections:
+        layers = args.prefill_layers or args.layers
+        pwork = work if layers == args.layers else ROOT / ".work" / f"bench_scale-{args.shape}-{layers}"
+        pwork.mkdir(parents=True, exist_ok=True)
+        checkpoint(pwork, args.shape, layers, args.max_shard_size)
+        pp = variants(pwork, pwork / "ckpt", ["bfloat16"])["bfloat16"]
+        bench_prefill(pp, args.prompt_tokens, args.repeats, f", {layers} layers" if layers else "")
+    if "passes" in sections:
+        bench_passes(paths.get("bfloat16") or next(iter(paths.values())), note)
+
+
+if __name__ == "__main__":
+    main()
