@@ -22,9 +22,7 @@ machine's time; the report says so on every table.
 """
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path

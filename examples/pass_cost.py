@@ -9,7 +9,9 @@ BLAS of MLX's Linux wheel the cost grows with the tokens and drafting cannot win
 (compare with ``examples/with_openblas.sh python examples/pass_cost.py``).
 This times mlx-lm's own model call over a KV cache of ``--cache`` entries for
 each pass size, interleaved, and prints the median cost relative to a 1-token
-pass. Default model: the packaged demo model.
+pass. Default model: the packaged demo model. ``--save`` also measures the cost
+of a pass token for the drafting policy (passes of 1 and 9 tokens) and keeps it
+in the per-user cache that ``generate`` reads (``mlx_memosight.policy``).
 """
 
 import argparse
@@ -18,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_lm import load  # noqa: E402
-
+from mlx_memosight import load  # noqa: E402
 from mlx_memosight.backend import describe, pass_costs  # noqa: E402
 from mlx_memosight.demo import demo_model_path  # noqa: E402
 
@@ -30,6 +31,8 @@ def main(argv=None):
     p.add_argument("--cache", type=int, default=100, help="KV entries already cached")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9], help="pass sizes")
     p.add_argument("--rounds", type=int, default=500)
+    p.add_argument("--save", action="store_true",
+                   help="measure a pass token's cost for the drafting policy and keep it")
     args = p.parse_args(argv)
     if args.cache < 1 or min(args.tokens) < 1 or args.rounds < 1:
         p.error("--cache, --tokens and --rounds must be at least 1")
@@ -40,6 +43,11 @@ def main(argv=None):
     print(f"{'tokens':>6}{'ms / pass':>12}{'vs ' + str(args.tokens[0]):>10}")
     for T in args.tokens:
         print(f"{T:>6}{median[T] * 1e3:>12.3f}{median[T] / base:>9.2f}x")
+    if args.save:
+        from mlx_memosight.policy import calibrate
+
+        cost = calibrate(model, force=True)
+        print(f"saved for the drafting policy: a pass token costs {cost.per_token:.2f} of a one-token pass")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class Run:
     accepted: int = 0
     compress_events: int = 0
     correct: Optional[bool] = None
+    choices: dict = field(default_factory=dict)  # the drafting policy's choices: passes per choice
+    cost_source: str = ""
 
 
 @dataclass
@@ -57,6 +59,18 @@ class Row:
     @property
     def tokens(self) -> int:
         return sum(len(r.tokens) for r in self.runs)
+
+    def drafting(self) -> Optional[str]:
+        """The drafting policy's choices over all runs, most frequent first."""
+        counts: Dict[str, int] = {}
+        for r in self.runs:
+            for k, v in r.choices.items():
+                counts[k] = counts.get(k, 0) + v
+        if not counts:
+            return None
+        total = sum(counts.values())
+        parts = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+        return f"{parts} of passes (a pass token costs {self.runs[-1].cost_source})"
 
     @property
     def tps(self) -> float:
@@ -111,17 +125,23 @@ def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
         tokens.append(ev.token)
         curve.append(ev.kv_entries)
     st = engine.stats
+    policy = engine.policy
     return Run(tokens, st.generation_time, st.prompt_time, st.forward_passes, st.peak_kv_tokens,
-               curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events)
+               curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events,
+               choices=dict(policy.chosen) if policy else {},
+               cost_source=f"{policy.cost.per_token:.2f}, {policy.cost.source}" if policy else "")
 
 
-def configurations(cfg, draft_len, foresight_sets="auto"):
+def configurations(cfg, draft_len=None, foresight_sets="auto"):
+    """The rows that run this engine; ``draft_len`` None (and ``auto``) lets
+    the drafting policy choose in the memosight row. The two-pass row runs
+    the reference's schedule with ``draft_len`` or the model's default."""
     if cfg is None:
         return {"plain": dict(foresight=False, compress=False)}
     return {
         "plain": dict(foresight=False, compress=False),
         "no-foresight": dict(foresight=False),
-        "two-pass": dict(draft_len=draft_len, schedule="two-pass"),
+        "two-pass": dict(draft_len=draft_len if draft_len is not None else cfg.draft_len, schedule="two-pass"),
         "memosight": dict(draft_len=draft_len, foresight_sets=foresight_sets),
     }
 
@@ -192,7 +212,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
             (see :mod:`mlx_memosight.scoring`).
         repeats: timed repetitions per prompt (the fastest is kept).
     """
-    from .engine import choose_foresight_sets
+    from .policy import calibrate
     from .generation import prompt_ids
     from .loading import load
     from .scoring import score
@@ -202,13 +222,12 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     stop = set(getattr(tokenizer, "eos_token_ids", None) or [])
     if cfg is not None:
         stop.add(cfg.token_ids.eos)
-    g = draft_len if draft_len is not None else (cfg.draft_len if cfg else 0)
     plain = None
     if plain_model_path is not None:
         plain = load(plain_model_path)
-    if cfg is not None and foresight_sets == "auto":
-        foresight_sets = choose_foresight_sets(model, g)
-    configs = configurations(cfg, g, foresight_sets)
+    if cfg is not None:
+        calibrate(model)  # measured once per model and machine, then read from the cache
+    configs = configurations(cfg, draft_len, foresight_sets)
     rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
     if plain is not None:
         rows["mlx_lm"].name = "mlx_lm (plain model)"
@@ -308,6 +327,8 @@ def _bench(args):
             "(README: Speed on Linux)") if reference_blas_in_use() else ""
     print(f"device: {describe()}" + "".join(f", {k}: {v}" for k, v in settings.items()) + note)
     print(format_table(summaries, summaries[0]["config"]))  # the mlx_lm row
+    if "memosight" in rows and rows["memosight"].drafting():
+        print(f"drafting in the memosight row: {rows['memosight'].drafting()}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +338,7 @@ def _bench(args):
             max_tokens=args.max_tokens,
             device=describe(),
             memosight_settings=settings,
+            memosight_drafting=rows["memosight"].drafting() if "memosight" in rows else None,
             rows=summaries,
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
         )

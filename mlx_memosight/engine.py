@@ -25,36 +25,15 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .backend import pass_costs
 from .cache import KVCache
 from .config import MemoSightConfig
 from .errors import GenerationError
 from .kernels import CompactMask
 from .layout import Pass, PassBuilder, StepState
 from .model import TokenPositions, forward
-from .options import GenerationOptions
+from .options import MAX_DRAFT_LEN, GenerationOptions
+from .policy import DraftPolicy, PassCost
 from .sampling import select
-
-
-# "all" puts a foresight set after every draft prefix. On the demo model "last"
-# needed 1.22x (draft_len 2) and 1.27x (draft_len 3) the passes per token of
-# "all", so "all" is chosen where its bigger pass costs at most 1.25x a "last" pass.
-ALL_SETS_WORTH = 1.25
-
-
-def choose_foresight_sets(model, draft_len: int) -> str:
-    """``"all"`` or ``"last"`` for this model on this machine: times a pass of
-    each layout's size (once per loaded model, see
-    :func:`mlx_memosight.backend.pass_costs`) and takes ``"all"`` unless its
-    pass costs more than ``ALL_SETS_WORTH`` times the other's."""
-    g = draft_len
-    if g <= 0:
-        return "last"
-    t_last, t_all = 1 + 2 * g, 1 + g + (g + 1) * g  # a full block of g drafts
-    costs = pass_costs(model, [t_last, t_all])
-    return "all" if costs[t_all] <= ALL_SETS_WORTH * costs[t_last] else "last"
-
-
 
 
 @dataclass
@@ -89,6 +68,7 @@ class GenerationStats:
     final_kv_tokens: int = 0
     plain_kv_tokens: int = 0
     peak_memory_gb: float = 0.0
+    draft_policy: Optional[str] = None  # the choices of the drafting policy, when it chose
 
     @property
     def prompt_tps(self) -> float:
@@ -120,7 +100,9 @@ class Engine:
             :func:`mlx_memosight.model.attach_token_rope`.
         cfg: the model's MemoSight configuration; ``None`` for a plain model
             (plain decoding only).
-        draft_len: foresight tokens per set (``g``); default from ``cfg``.
+        draft_len: foresight tokens per set (``g``); None: chosen before each
+            pass by :class:`mlx_memosight.policy.DraftPolicy` (the two-pass
+            schedule takes ``cfg.draft_len``).
         foresight: draft with foresight tokens.
         compress: compress finished steps into memory tokens and evict them.
         schedule: ``"fused"`` or ``"two-pass"``.
@@ -130,8 +112,8 @@ class Engine:
             only after the whole block (``"last"``: fewer tokens per pass;
             after a rejection the next pass drafts afresh; best where every
             token in a pass costs compute, as with MLX's Linux wheel and its
-            reference BLAS); ``"auto"`` times both pass sizes once per loaded
-            model and picks (:func:`choose_foresight_sets`).
+            reference BLAS); ``"auto"``: chosen before each pass by the
+            policy.
         prefill_step_size: prompt chunk size.
         sampler: mlx-lm's sampler (``sampler(logprobs) -> tokens``); None
             decodes greedily.
@@ -163,9 +145,14 @@ class Engine:
             foresight = compress = False
         g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
         self.draft_len = g if foresight else 0
-        if foresight_sets == "auto":  # only the fused schedule drafts with foresight sets
-            foresight_sets = choose_foresight_sets(model, self.draft_len if schedule == "fused" else 0)
         self.foresight_sets = foresight_sets
+        self.policy: Optional[DraftPolicy] = None
+        if foresight and schedule == "fused" and (draft_len is None or foresight_sets == "auto"):
+            if draft_len is None:
+                # drafts up to one position past the trained foresight offsets
+                self.draft_len = min(MAX_DRAFT_LEN, max(cfg.draft_len, cfg.max_offset + 2))
+            self.policy = DraftPolicy(PassCost.for_model(model), self.draft_len, cfg.max_offset,
+                                      draft_len, None if foresight_sets == "auto" else foresight_sets)
         self.compress = compress
         self.builder = PassBuilder(cfg)
         self.sampler = sampler
@@ -256,6 +243,8 @@ class Engine:
             )
         self.cache = KVCache.for_model(self.model)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
+        if self.policy is not None:
+            self.policy.reset()
         tic = time.perf_counter()
         logits = self._prefill(prompt)
         if not mx.all(mx.isfinite(logits)).item():
@@ -273,6 +262,8 @@ class Engine:
             self.stats.generation_time = time.perf_counter() - tic
             yield event
         self.stats.generation_time = time.perf_counter() - tic
+        if self.policy is not None:
+            self.stats.draft_policy = self.policy.summary()
         self.stats.final_kv_tokens = self.cache.length
         self.stats.plain_kv_tokens = P + self.stats.generated_tokens
         self.stats.peak_memory_gb = mx.get_peak_memory() / 1e9
@@ -299,19 +290,21 @@ class Engine:
                     self.cache.trim(1)
                 self.stats.finish_reason = done
                 return
+            g, layout = self._choice() if lookahead is None else (0, "last")
             if self.compress and s.anchor == self.splitter:
                 if lookahead is not None:
                     # the splitter was fed as a plain token ahead of time
                     self.cache.trim(1)
                     lookahead = None
-                self._compress(s)
+                self._compress(s, g)
                 compressed = True
                 accepted, new = [], [s.anchor]
-            elif not self.draft_len:
+            elif not g:
+                s.drafts = [] if s.drafts is not None else None
                 lookahead = self._plain_step(s, lookahead, speculate=committed + 1 < max_tokens)
                 accepted, new = [], [s.anchor]
             elif self.schedule == "fused":
-                accepted, new = self._fused(s, max_tokens - committed, self.draft_len)
+                accepted, new = self._fused(s, max_tokens - committed, g, layout)
             else:
                 accepted, new = self._two_pass(s, max_tokens - committed)
             for t in accepted:
@@ -350,9 +343,14 @@ class Engine:
         s.position += 1
         return ahead
 
-    def _compress(self, s: "_State"):
+    def _choice(self):
+        """``(draft length, foresight layout)`` for the next pass."""
+        if self.policy is None:
+            return self.draft_len, self.foresight_sets
+        return self.policy.choose()
+
+    def _compress(self, s: "_State", g: int):
         """The compress pass: ends the step whose splitter is the anchor."""
-        g = self.draft_len
         start_len = self.cache.length
         p = self.builder.compress(s.step, start_len, draft_len=g)
         rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
@@ -373,14 +371,14 @@ class Engine:
     def _acceptable(self, draft: int) -> bool:
         return draft not in self.stop_ids and not (self.compress and draft == self.splitter)
 
-    def _fused(self, s: "_State", budget: int, g: int):
+    def _fused(self, s: "_State", budget: int, g: int, layout: str = "all"):
         """One pass over ``[a, d_1..d_k]`` plus, when ``g > 0``, a foresight set
         of ``g`` tokens after every prefix: verifies the drafts and drafts the
         next block. With ``g == 0`` it is the reference's verification pass (or
         plain decoding when there are no drafts)."""
         drafts = s.drafts[: max(0, budget - 1)]
         k = len(drafts)
-        prefixes = [k] if self.foresight_sets == "last" else None
+        prefixes = [k] if layout == "last" else None
         p = self.builder.decode(s.anchor, s.position, self.cache.length, drafts, g, prefixes)
         rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
         logits = self._run(p, rows)
@@ -390,9 +388,14 @@ class Engine:
         # foresight set follows the prefix it was placed after
         groups = list(range(k + 1)) + [j for j in p.foresight_prefixes for _ in range(g)]
         tokens = self._select(logits, [p.tokens[: i + 1] for i in range(k + 1)], groups).tolist()
+        right = 0
+        while right < k and drafts[right] == tokens[right]:
+            right += 1
         n = 0
-        while n < k and drafts[n] == tokens[n] and self._acceptable(drafts[n]):
+        while n < right and self._acceptable(drafts[n]):
             n += 1
+        if self.policy is not None and k:
+            self.policy.observe(k, right)
         self.stats.accepted_draft_tokens += n
         self.cache.trim(len(p) - (1 + n))
         accepted = drafts[:n]

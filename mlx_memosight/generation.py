@@ -215,6 +215,8 @@ def format_stats(st: GenerationStats) -> str:
     if st.drafted_tokens:
         rate = st.accepted_draft_tokens / st.drafted_tokens
         lines.append(f"Drafts: {st.accepted_draft_tokens}/{st.drafted_tokens} accepted ({rate:.0%})")
+    if st.draft_policy:
+        lines.append(f"Drafting: {st.draft_policy}")
     kv = f"KV cache: peak {st.peak_kv_tokens} entries"
     if st.plain_kv_tokens:
         kv += f" vs {st.plain_kv_tokens} for plain decoding ({st.peak_kv_tokens / st.plain_kv_tokens:.0%})"

@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 
@@ -368,10 +369,15 @@ def compact_kernel(layers, start: int, end: int, length: int, launch=None):
 
 
 # ----------------------------------------------------------------------------
-# Dispatch
+# Self-check and dispatch
 
 _failed = set()
 _checked = set()
+# Largest difference from the reference a kernel may show on its self-check,
+# as a fraction of the largest reference value (at least 1): both compute in
+# float32 and round the result to the dtype; the online softmax sums in
+# another order than MLX does.
+SELF_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
 
 
 def kernels_available() -> bool:
@@ -380,26 +386,85 @@ def kernels_available() -> bool:
     return not use_reference() and mx.metal.is_available()
 
 
-def _run_kernel(name: str, key, fn):
-    """``fn()``, or None after warning once if the kernel fails. The first
-    call of each compiled variant is evaluated here, so that a compile error
-    surfaces now rather than in a later ``mx.eval``."""
+def _chip() -> str:
+    try:
+        return str(mx.metal.device_info().get("device_name", "an unknown chip"))
+    except Exception:  # no Metal, or an MLX without device_info
+        return "an unknown chip"
+
+
+def _give_up(name: str, why: str):
+    _failed.add(name)
+    warnings.warn(f"mlx_memosight: the Metal {name} kernel {why}, with MLX {mx.__version__} on {_chip()}; "
+                  "using the pure-MLX path from now on", RuntimeWarning, stacklevel=4)
+
+
+def self_check_attention(dtype, head_dim: int, group: int) -> Optional[str]:
+    """Run the attention kernel and the reference on a small random problem of
+    this dtype, head dimension and GQA group (keys long enough that the
+    kernel splits them and merges the parts); None when they agree, else
+    what went wrong."""
+    B, Hkv, Q, K = 1, 2, 5, 600
+    k1, k2, k3 = mx.random.split(mx.random.key(7), 3)
+    q = mx.random.normal((B, Hkv * group, Q, head_dim), key=k1).astype(dtype)
+    k = mx.random.normal((B, Hkv, K, head_dim), key=k2).astype(dtype)
+    v = mx.random.normal((B, Hkv, K, head_dim), key=k3).astype(dtype)
+    slots = mx.arange(K - Q, K, dtype=mx.int32)
+    until = mx.where((mx.arange(K) >= 100) & (mx.arange(K) < 160), K - Q + 2, 2 ** 31 - 1).astype(mx.int32)
+    mask = CompactMask(slots, slots + 1, until)
+    scale = head_dim ** -0.5
+    out = attention_kernel(q, k, v, scale, mask).astype(mx.float32)
+    ref = attention_reference(q, k, v, scale, mask).astype(mx.float32)
+    diff = mx.max(mx.abs(out - ref)).item()
+    tol = SELF_CHECK_TOLERANCE[dtype] * max(1.0, mx.max(mx.abs(ref)).item())
+    if not math.isfinite(diff) or diff > tol:
+        return f"differs from the reference by {diff:.3g} (tolerance {tol:.3g}) on a {dtype} test problem " \
+               f"with head dim {head_dim}"
+    return None
+
+
+def self_check_compact(dtype, shape) -> Optional[str]:
+    """Copy tails out of a few small random layers with the compaction kernel;
+    None when the copies are exact, else what went wrong."""
+
+    class _Layer:
+        def __init__(self, keys, values):
+            self.keys, self.values = keys, values
+
+    B, H, _, D = shape
+    layers = []
+    for i in range(3):
+        kk, kv = mx.random.split(mx.random.key(11 + i))
+        layers.append(_Layer(mx.random.normal((B, H, 64, D), key=kk).astype(dtype),
+                             mx.random.normal((B, H, 64, D), key=kv).astype(dtype)))
+    tails = compact_tails(layers, 20, 50)
+    want = [x[..., 20:50, :] for c in layers for x in (c.keys, c.values)]
+    if not all(mx.array_equal(a, b).item() for a, b in zip(tails, want)):
+        return f"copies other values than it reads on a {dtype} test problem"
+    return None
+
+
+def _run_kernel(name: str, key, check, fn):
+    """``fn()``, or None once the kernel has failed. The first call of each
+    compiled variant first runs ``check`` (the kernel against the reference
+    on a small problem of the same kind) and evaluates its own result here,
+    so that a wrong kernel or a compile error is reported now, once, and the
+    reference takes over."""
     if name in _failed:
         return None
     try:
+        if key not in _checked:
+            problem = check()
+            if problem:
+                _give_up(name, problem)
+                return None
         out = fn()
         if key not in _checked:
             mx.eval(out)
             _checked.add(key)
         return out
     except Exception as e:  # a kernel must never take the decoder down
-        _failed.add(name)
-        warnings.warn(
-            f"mlx_memosight: the Metal {name} kernel failed ({type(e).__name__}: {e}); "
-            "using the pure-MLX path instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _give_up(name, f"failed ({type(e).__name__}: {e})")
         return None
 
 
@@ -409,9 +474,10 @@ def attention(queries, keys, values, scale: float, mask: CompactMask) -> mx.arra
     it applies, else the reference."""
     if kernels_available() and attention_supported(queries, keys, values, mask):
         plan = AttentionPlan(queries, keys)
+        D, group = queries.shape[3], queries.shape[1] // keys.shape[1]
         out = _run_kernel(
-            "attention", plan.key, lambda: attention_kernel(queries, keys, values, scale, mask, plan=plan)
-        )
+            "attention", plan.key, lambda: self_check_attention(queries.dtype, D, group),
+            lambda: attention_kernel(queries, keys, values, scale, mask, plan=plan))
         if out is not None:
             return out
     return attention_reference(queries, keys, values, scale, mask)
@@ -420,8 +486,10 @@ def attention(queries, keys, values, scale: float, mask: CompactMask) -> mx.arra
 def compact(layers, start: int, end: int, length: int):
     """Remove the span ``[start, end)`` from every layer's K/V buffers."""
     if kernels_available() and compact_supported(layers):
-        key = ("compact", str(layers[0].keys.dtype), len(layers))
-        tails = _run_kernel("compaction", key, lambda: compact_tails(layers, end, length))
+        first = layers[0].keys
+        key = ("compact", str(first.dtype), len(layers))
+        tails = _run_kernel("compaction", key, lambda: self_check_compact(first.dtype, first.shape),
+                            lambda: compact_tails(layers, end, length))
         if tails is not None:
             _write_tails(layers, start, tails)
             return

@@ -206,15 +206,17 @@ class GenerationOptions(Options):
 
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "committed output tokens at most", low=1,
                              flags=("--max-tokens", "-m"))
-    draft_len: Optional[int] = option(None, "foresight tokens per draft (default: the model's "
-                                      "memosight.json)", kind=int, low=0, high=MAX_DRAFT_LEN)
+    draft_len: Optional[int] = option(None, "foresight tokens per draft (default: chosen before "
+                                      "each pass from what a pass costs and what drafts were "
+                                      "accepted)", kind=int, low=0, high=MAX_DRAFT_LEN)
     foresight: bool = option(True, "do not draft with foresight tokens", negate=True)
     compress: bool = option(True, "do not compress finished steps", negate=True)
     schedule: str = option("fused", "fused: verify and draft in one pass; two-pass: the "
                            "reference's schedule", choices=SCHEDULES)
     foresight_sets: str = option(
         "auto", "fused schedule: a foresight set after every draft prefix (all) or only after "
-        "the whole block (last: fewer tokens per pass); auto times both pass sizes once and picks",
+        "the whole block (last: fewer tokens per pass); auto: chosen before each pass, as the "
+        "draft length",
         choices=FORESIGHT_SETS)
     temp: float = option(0.0, "sampling temperature (0: greedy)", low=0.0)
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens whose "

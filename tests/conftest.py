@@ -1,9 +1,13 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The drafting policy keeps measured pass costs in the user's cache folder;
+# the tests keep theirs apart (subprocesses inherit it).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memosight-test-cache-")
 
 SHARED = Path(os.environ.get("MEMOSIGHT_SHARED", ROOT.parent / "shared"))
 

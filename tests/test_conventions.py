@@ -5,7 +5,6 @@ output without repeats or stray lines."""
 import json
 import re
 
-import numpy as np
 import pytest
 
 from helpers import run_command

@@ -53,7 +53,7 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
     stats = tmp_path / "stats.json"
     r = subprocess.run(
         [sys.executable, "-m", "mlx_memosight.generate", "--prompt", eval_prompt(problem.eval_item()),
-         "--max-tokens", "400", "--stats-json", str(stats)],
+         "--max-tokens", "400", "--draft-len", "2", "--stats-json", str(stats)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert r.returncode == 0, r.stderr
@@ -66,6 +66,9 @@ def test_generate_without_model_shows_compression_and_drafts(tmp_path):
     assert m and int(m[1]) >= demo.MIN_DAYS, r.stderr
     m = re.search(r"Drafts: (\d+)/(\d+) accepted", r.stderr)
     assert m and int(m[1]) > 0, r.stderr
+    # a draft length on the command line is kept on every pass (the layout is still chosen)
+    assert re.search(r"^Drafting: draft length 2, (all|last) foresight sets \(\d+% of passes\)", r.stderr, re.M), \
+        r.stderr
     assert re.search(r"^Device: (gpu|cpu \(.+\))", r.stderr, re.M), r.stderr
     d = json.loads(stats.read_text())
     assert d["device"] in r.stderr

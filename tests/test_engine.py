@@ -72,32 +72,47 @@ def test_foresight_never_changes_the_output(loaded):
     assert accepted > 0 and fused_passes < two_pass_passes
 
 
-def test_foresight_sets_auto_times_both_pass_sizes(loaded, monkeypatch):
-    _, _, model, _, cfg = loaded
-    from mlx_memosight import engine as engine_mod
-    from mlx_memosight.backend import pass_costs
+def test_policy_drafts_where_it_pays_and_not_where_it_cannot():
+    """Decisions under given pass costs: a pass token nearly free (GPU, fast
+    BLAS) asks for long drafts with a foresight set after every prefix; a
+    costly one (the reference BLAS) for short drafts with one set; a pass
+    token as dear as a pass, for no drafting at all."""
+    from mlx_memosight.policy import DraftPolicy, PassCost, time_per_token
 
-    # a real measurement: positive seconds, kept on the model and reused
-    costs = pass_costs(model, [5, 7])
-    assert all(c > 0 for c in costs.values())
-    assert pass_costs(model, [5, 7]) == costs
-    assert Engine(model, cfg, draft_len=2).foresight_sets in ("all", "last")
-    assert Engine(model, cfg, foresight_sets="all").foresight_sets == "all"
-    assert Engine(model, cfg, foresight_sets="last").foresight_sets == "last"
+    def decide(per_token, right=None, forced=None):
+        p = DraftPolicy(PassCost(per_token, "given"), max_draft=5, trained_offset=3, draft_len=forced)
+        for drafted, n in right or []:
+            p.observe(drafted, n)
+        return p.choose()
 
-    # the rule: "all" unless its pass (1 + g + (g + 1) g tokens) costs more
-    # than ALL_SETS_WORTH times the "last" pass (1 + 2 g tokens)
-    def fake(cost_all):
-        return lambda m, sizes: {sizes[0]: 1.0, sizes[1]: cost_all}
+    g, layout = decide(0.02)
+    assert g >= 3 and layout == "all"
+    # a costly pass token: no drafting at the prior acceptance, short drafts
+    # with one foresight set once nearly every draft has been right
+    assert decide(0.45)[0] == 0
+    g, layout = decide(0.25, right=[(2, 2)] * 50)
+    assert 1 <= g <= 3 and layout == "last"
+    assert decide(1.2, right=[(2, 2)] * 50)[0] == 0
+    # acceptance seen so far: drafts that are never right are not worth a token
+    assert decide(0.05, right=[(3, 0)] * 40)[0] == 0
+    # a forced draft length leaves only the layout to choose
+    assert decide(0.45, forced=4)[0] == 4
+    # the formulas: drafting at cost 0 beats plain decoding whenever drafts land
+    q = [0.9] * 5
+    assert time_per_token(PassCost(0.0, "x"), q, 3, "all") < time_per_token(PassCost(0.0, "x"), q, 0, "all")
 
-    asked = []
-    monkeypatch.setattr(engine_mod, "pass_costs", lambda m, sizes: asked.append(sizes) or {5: 1.0, 9: 1.1})
-    assert Engine(model, cfg, draft_len=2).foresight_sets == "all"
-    assert asked == [[5, 9]]
-    monkeypatch.setattr(engine_mod, "pass_costs", fake(engine_mod.ALL_SETS_WORTH + 0.05))
-    assert Engine(model, cfg, draft_len=3).foresight_sets == "last"
-    monkeypatch.setattr(engine_mod, "pass_costs", fake(engine_mod.ALL_SETS_WORTH - 0.05))
-    assert Engine(model, cfg, draft_len=3).foresight_sets == "all"
+
+def test_policy_choices_are_the_same_every_run(loaded):
+    """The policy decides from the cost model and the committed tokens only:
+    two runs make the same choices and the same draft statistics."""
+    _, task, model, _, cfg = loaded
+    prompt = prompts(task)[0]
+    a, sa, _ = run(model, cfg, prompt, 80)
+    b, sb, _ = run(model, cfg, prompt, 80)
+    assert a == b and (sa.drafted_tokens, sa.accepted_draft_tokens, sa.draft_policy) == \
+        (sb.drafted_tokens, sb.accepted_draft_tokens, sb.draft_policy)
+    assert sa.draft_policy and "of passes" in sa.draft_policy
+    assert a == reference_decode(model, cfg, prompt, 80)
 
 
 def test_no_compression_equals_plain_causal_decoding(loaded):

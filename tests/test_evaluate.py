@@ -63,7 +63,7 @@ def test_gsm8k_end_to_end(tmp_path, cli):
 
 def test_demo_model_on_heldout_problems(heldout, tmp_path, cli):
     out = tmp_path / "r.jsonl"
-    r = cli("--data", heldout, "--out", out, "--max-tokens", 400)
+    r = cli("--data", heldout, "--out", out, "--max-tokens", 400, "--draft-len", 2)
     assert r.returncode == 0, r.stderr
     recs = lines(out)
     assert len(recs) == 4

@@ -235,16 +235,15 @@ def test_model_passes_through_the_kernel(emulator, monkeypatch):
         np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
-    """The decode engine commits the same tokens with the kernels behind the
-    dispatcher as the no-cache oracle does. The model is random
-    (head dim 64, so the attention kernel applies); its most frequent output
-    token plays the splitter, so that steps get compressed and evicted."""
+def _engine_case():
+    """A random model (head dim 64, so the attention kernel applies) whose
+    most frequent output token plays the splitter, so that steps get
+    compressed and evicted; returns the model, config, prompt and what the
+    no-cache oracle decodes in 40 tokens."""
     from collections import Counter
 
     from helpers import mlx_model, reference_decode
     from mlx_memosight.config import TEMPLATES, MemoSightConfig, TokenIds
-    from mlx_memosight.engine import Engine
 
     seed = fresh_seed()
     vocab = 400
@@ -260,16 +259,14 @@ def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
 
     plain = reference_decode(model, config(0), prompt, 40, compress=False)
     cfg = config(Counter(plain[:-1]).most_common(1)[0][0])
-    expected = reference_decode(model, cfg, prompt, 40)
+    return model, cfg, prompt, reference_decode(model, cfg, prompt, 40), seed
 
-    used = Counter()
 
-    def counting(kernel, **kw):
-        used[kernel.name] += 1
-        return launch(kernel, **kw)
+def _decode_through_dispatcher(monkeypatch, launch, model, cfg, prompt, expected, seed):
+    from mlx_memosight.engine import Engine
 
     monkeypatch.setattr(kernels, "kernels_available", lambda: True)
-    monkeypatch.setattr(kernels, "metal_launch", counting)
+    monkeypatch.setattr(kernels, "metal_launch", launch)
     monkeypatch.setattr(kernels, "_failed", set())
     monkeypatch.setattr(kernels, "_checked", set())
     for kw in (dict(foresight=False), dict(draft_len=2), dict(draft_len=3, schedule="two-pass")):
@@ -277,8 +274,54 @@ def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
         tokens = [ev.token for ev in e.generate(prompt, 40)]
         assert tokens == expected, (kw, f"seed {seed}")
         assert e.stats.compress_events >= 1
+
+
+def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
+    """The decode engine commits the same tokens with the kernels behind the
+    dispatcher as the no-cache oracle does."""
+    from collections import Counter
+
+    case = _engine_case()
+    used = Counter()
+
+    def counting(kernel, **kw):
+        used[kernel.name] += 1
+        return launch(kernel, **kw)
+
+    _decode_through_dispatcher(monkeypatch, counting, *case)
     assert used["memosight_attention"] > 0 and used["memosight_compact_4"] > 0
     assert not kernels._failed
+
+
+@pytest.mark.parametrize("broken", ["attention", "compaction"])
+def test_wrong_kernel_is_caught_by_its_self_check(emulator, monkeypatch, broken):
+    """A kernel that runs but computes the wrong thing (as a compiler or MLX
+    change could make it) is caught by its self-check on first use: one
+    warning naming it, the pure-MLX path from then on, and generation
+    token-identical to the no-cache oracle."""
+    from collections import Counter
+
+    used = Counter()
+
+    def wrong(kernel, **kw):
+        used[kernel.name] += 1
+        outs = emulator(kernel, **kw)
+        if broken == "attention" and kernel.name == "memosight_attention":
+            return [o + 0.5 for o in outs]
+        if broken == "compaction" and kernel.name.startswith("memosight_compact"):
+            return [o[..., ::-1, :] for o in outs]  # entries in the wrong order
+        return outs
+
+    case = _engine_case()
+    with pytest.warns(RuntimeWarning) as record:
+        _decode_through_dispatcher(monkeypatch, wrong, *case)
+    messages = [str(w.message) for w in record if "Metal" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"Metal {broken} kernel differs" in messages[0] or f"Metal {broken} kernel copies" in messages[0]
+    assert "pure-MLX path" in messages[0] and "MLX " in messages[0]
+    assert kernels._failed == {broken}
+    other = "memosight_compact" if broken == "attention" else "memosight_attention"
+    assert sum(n for k, n in used.items() if k.startswith(other)) > 0  # the sound kernel kept running
 
 
 # ----------------------------------------------------------------------------
@@ -307,13 +350,15 @@ def test_dispatcher_uses_kernel_when_supported(pretend_metal, monkeypatch, emula
     real = kernels.attention_kernel
     monkeypatch.setattr(kernels, "attention_kernel", lambda *a, **kw: seen.append(1) or real(*a, **kw))
     out = kernels.attention(q, k, v, 0.125, mask)
-    assert seen == [1]
+    assert seen == [1, 1]  # its self-check on first use, then the call
     np.testing.assert_allclose(as_numpy(out), as_numpy(kernels.attention_reference(q, k, v, 0.125, mask)),
                                atol=1e-5, rtol=1e-5)
     # head dim 32, or a mask over other keys: the reference
     q2, k2, v2, mask2 = _small_case(D=64)
     kernels.attention(q2[..., :32], k2[..., :32], v2[..., :32], 0.125, mask2)
-    assert seen == [1]
+    assert seen == [1, 1]
+    kernels.attention(q, k, v, 0.125, mask)  # checked already
+    assert seen == [1, 1, 1]
 
 
 def test_dispatcher_environment_forces_reference(pretend_metal, monkeypatch):

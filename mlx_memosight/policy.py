@@ -1,0 +1,236 @@
+"""How to draft: draft length and foresight layout, no drafting included.
+
+Drafting commits several tokens per forward pass, but each pass then carries
+more tokens, and what a token of a pass costs depends on the machine: little
+on a GPU or with a fast CPU BLAS, a lot with the reference BLAS of MLX's
+Linux wheel. :class:`DraftPolicy` picks, before every pass, the choice that
+minimises the expected time per committed token under
+
+* a cost model: a pass of ``k`` tokens costs ``1 + per_token * (k - 1)``
+  one-token passes (:class:`PassCost`), with ``per_token`` measured for this
+  model on this machine (a per-user cache file that ``bench`` and
+  ``examples/pass_cost.py`` fill) or, without a measurement, the stated
+  default of the backend (:data:`DEFAULT_PER_TOKEN`);
+* the acceptance seen so far: per draft position ``i``, how often draft ``i``
+  was right when the drafts before it were (with a prior from the model's
+  trained foresight offsets).
+
+Both depend only on the cache file and on the committed tokens, so a given
+command on a given machine makes the same choices every time.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+from .backend import blas_library, describe
+
+# The extra cost of each token of a pass, as a fraction of a one-token pass,
+# where this machine has no measurement for the model. Measured on a 2-core
+# x86-64 CPU (examples/pass_cost.py, examples/bench_scale.py): 0.29-0.61 with
+# the reference BLAS (demo model to a 2-layer and a full 0.5B shape), 0.04-0.05
+# with OpenBLAS; Apple GPUs are assumed to be as fast as a fast BLAS or faster
+# (no figure measured here).
+DEFAULT_PER_TOKEN = {"gpu": 0.02, "fast BLAS": 0.05, "reference BLAS": 0.45}
+# Prior chance that draft i is right when the drafts before it were: good up
+# to the model's trained offsets (the i-th foresight token predicts i + 1
+# positions ahead; training offsets reach max_offset), poor beyond them.
+PRIOR_IN_RANGE, PRIOR_BEYOND, PRIOR_WEIGHT = 0.75, 0.3, 4.0
+EXPLORE_EVERY = 8
+LAYOUTS = ("all", "last")
+# Models this small are timed on first use (a few passes of 1 and 9 tokens
+# take well under a second); larger ones use the default until measured by
+# bench or examples/pass_cost.py --save.
+MEASURE_UP_TO = 50_000_000
+
+
+def parameter_count(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "mlx-memosight" / "pass_costs.json"
+
+
+def _backend() -> str:
+    if mx.default_device() == mx.gpu:
+        return "gpu"
+    return "reference BLAS" if blas_library() == "reference BLAS" else "fast BLAS"
+
+
+def model_key(model) -> str:
+    """The model's shape and weight types, with the machine and MLX version:
+    what a pass's cost depends on."""
+    from mlx.utils import tree_flatten
+
+    shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(model.parameters())]
+    text = json.dumps([shapes, describe(), mx.__version__], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """A pass of ``k`` tokens costs ``1 + per_token * (k - 1)`` one-token passes."""
+
+    per_token: float
+    source: str
+
+    def __call__(self, k: int) -> float:
+        return 1.0 + self.per_token * (k - 1)
+
+    @classmethod
+    def for_model(cls, model) -> "PassCost":
+        """The cost measured for this model on this machine (kept in the
+        per-user cache file; a model of up to :data:`MEASURE_UP_TO` parameters
+        is measured on first use, in a fraction of a second), else the
+        backend's default (:data:`DEFAULT_PER_TOKEN`)."""
+        measured = _read_table().get(model_key(model))
+        if _valid(measured):
+            return cls(float(measured), f"measured for this model on {describe()}")
+        if parameter_count(model) <= MEASURE_UP_TO:
+            return calibrate(model)
+        return cls(DEFAULT_PER_TOKEN[_backend()], f"default for {describe()}")
+
+
+def _valid(per_token) -> bool:
+    return isinstance(per_token, (int, float)) and not isinstance(per_token, bool) and 0 <= per_token < 10
+
+
+def _read_table() -> dict:
+    """The cache file's table; empty when it is missing or damaged (it is
+    measured over and rewritten)."""
+    try:
+        table = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def calibrate(model, sizes=(1, 9), force: bool = False) -> PassCost:
+    """Measure ``per_token`` for this model here (median passes of 1 and 9
+    tokens) and keep it in the per-user cache file; a measurement already
+    there is kept unless ``force``."""
+    from .backend import pass_costs
+
+    path = _cache_file()
+    table = _read_table()
+    key = model_key(model)
+    if not _valid(table.get(key)) or force:
+        costs = pass_costs(model, list(sizes))
+        lo, hi = sizes
+        table[key] = round(max(0.0, (costs[hi] / costs[lo] - 1) / (hi - lo)), 4)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs the measurement next time
+    return PassCost(float(table[key]), f"measured for this model on {describe()}")
+
+
+def expected_accepted(q: List[float], g: int) -> Tuple[float, float]:
+    """``(expected drafts accepted, chance all g are)`` when draft ``i`` is
+    right with chance ``q[i]`` given the ones before it were."""
+    p, total = 1.0, 0.0
+    for i in range(g):
+        p *= q[i]
+        total += p
+    return total, p
+
+
+def time_per_token(cost: PassCost, q: List[float], g: int, layout: str) -> float:
+    """Expected one-token-pass units per committed token.
+
+    ``all``: every pass feeds the anchor, ``g`` drafts and a foresight set of
+    ``g`` after each prefix, so drafts survive any rejection. ``last``: one
+    set after the whole block; after a rejection the next pass has no drafts
+    (anchor and ``g`` foresight tokens) and commits one token.
+    """
+    if g == 0:
+        return cost(1)
+    accepted, all_right = expected_accepted(q, g)
+    if layout == "all":
+        return cost(1 + g + (g + 1) * g) / (1 + accepted)
+    miss = 1 - all_right
+    return (cost(1 + 2 * g) + miss * cost(1 + g)) / (1 + accepted + miss)
+
+
+@dataclass
+class DraftPolicy:
+    """Chooses ``(draft length, layout)`` before each pass.
+
+    Args:
+        cost: the pass cost model.
+        max_draft: the longest draft considered.
+        trained_offset: the model's ``max_offset`` (drafts up to ``max_offset
+            + 1`` positions ahead were trained).
+        draft_len, layout: a choice forced by the user (None: the policy's).
+    """
+
+    cost: PassCost
+    max_draft: int
+    trained_offset: int
+    draft_len: Optional[int] = None
+    layout: Optional[str] = None
+    tried: List[float] = field(default_factory=list)
+    right: List[float] = field(default_factory=list)
+    chosen: Dict[str, int] = field(default_factory=dict)
+    since_explore: int = 0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self):
+        """Forget the acceptance seen (a new generation starts)."""
+        self.tried = [0.0] * self.max_draft
+        self.right = [0.0] * self.max_draft
+        self.chosen = {}
+        self.since_explore = 0
+
+    def acceptance(self) -> List[float]:
+        out = []
+        for i in range(self.max_draft):
+            prior = PRIOR_IN_RANGE if i <= self.trained_offset else PRIOR_BEYOND
+            out.append((self.right[i] + prior * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT))
+        return out
+
+    def choose(self) -> Tuple[int, str]:
+        q = self.acceptance()
+        lengths = [self.draft_len] if self.draft_len is not None else range(self.max_draft + 1)
+        layouts = [self.layout] if self.layout is not None else LAYOUTS
+        best = min(((time_per_token(self.cost, q, g, lay), g, lay) for g in lengths for lay in layouts),
+                   key=lambda x: (round(x[0], 9), x[1], LAYOUTS.index(x[2])))
+        _, g, lay = best
+        if 0 < g < self.max_draft and self.draft_len is None:
+            # one pass in EXPLORE_EVERY drafts one token further, so that the
+            # acceptance there is seen too (a fixed schedule: still deterministic)
+            self.since_explore += 1
+            if self.since_explore >= EXPLORE_EVERY:
+                self.since_explore = 0
+                g += 1
+        name = "no drafting" if g == 0 else f"draft length {g}, {lay} foresight sets"
+        self.chosen[name] = self.chosen.get(name, 0) + 1
+        return g, lay
+
+    def observe(self, drafted: int, right: int):
+        """A pass verified ``drafted`` drafts, the first ``right`` of them
+        equal to the model's own tokens."""
+        for i in range(min(drafted, right + 1, self.max_draft)):
+            self.tried[i] += 1
+            self.right[i] += i < right
+
+    def summary(self) -> str:
+        total = sum(self.chosen.values()) or 1
+        parts = [f"{name} ({n / total:.0%} of passes)" for name, n in
+                 sorted(self.chosen.items(), key=lambda x: -x[1])]
+        return (", ".join(parts) or "no drafting") + \
+            f"; a pass token costs {self.cost.per_token:.2f} of a one-token pass ({self.cost.source})"

@@ -1,0 +1,63 @@
+"""The pass cost the drafting policy decides with: measured once per model and
+machine, kept in the per-user cache file, the backend's default otherwise."""
+
+import json
+
+import pytest
+
+from helpers import mlx_model
+from mlx_memosight import policy
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "mlx-memosight"
+
+
+def test_small_model_is_measured_once_and_kept(cache_dir, monkeypatch):
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    first = policy.PassCost.for_model(model)
+    assert first.source.startswith("measured") and 0 <= first.per_token < 10
+    table = json.loads((cache_dir / "pass_costs.json").read_text())
+    assert table == {policy.model_key(model): first.per_token}
+    # the next run reads the file: no timing, the same number
+    monkeypatch.setattr(policy, "calibrate", lambda *a, **kw: pytest.fail("measured again"))
+    assert policy.PassCost.for_model(model) == first
+
+
+def test_cost_key_follows_the_weights(cache_dir):
+    a, _ = mlx_model("qwen2", 300, seed=3)
+    b, _ = mlx_model("qwen2", 300, seed=4)  # other values, same shapes and types
+    c, _ = mlx_model("qwen2", 300, seed=3, hidden_size=96)
+    assert policy.model_key(a) == policy.model_key(b) != policy.model_key(c)
+
+
+def test_large_model_uses_the_backend_default_until_measured(cache_dir, monkeypatch):
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    monkeypatch.setattr(policy, "MEASURE_UP_TO", 10)
+    monkeypatch.setattr(policy, "calibrate", lambda *a, **kw: pytest.fail("a large model is not timed unasked"))
+    cost = policy.PassCost.for_model(model)
+    assert cost.per_token == policy.DEFAULT_PER_TOKEN[policy._backend()] and cost.source.startswith("default")
+    # bench / examples/pass_cost.py --save store a measurement; it is used from then on
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "pass_costs.json").write_text(json.dumps({policy.model_key(model): 0.123}))
+    assert policy.PassCost.for_model(model).per_token == 0.123
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": "fast"}', '{"%s": -1}', '{"%s": 1e9}'])
+def test_a_damaged_cache_file_is_measured_over(cache_dir, content):
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    cache_dir.mkdir(parents=True)
+    path = cache_dir / "pass_costs.json"
+    path.write_text(content.replace("%s", policy.model_key(model)))
+    cost = policy.PassCost.for_model(model)
+    assert cost.source.startswith("measured") and 0 <= cost.per_token < 10
+
+
+def test_an_unwritable_cache_costs_only_the_measurement(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where a folder should be
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    assert policy.PassCost.for_model(model).source.startswith("measured")
