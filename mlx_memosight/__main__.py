@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-COMMANDS = ("convert", "generate", "lora", "fuse", "evaluate", "bench")
+COMMANDS = ("convert", "generate", "lora", "fuse", "evaluate", "bench", "server", "chat")
 
 
 def main():

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -27,7 +26,7 @@ from conftest import ROOT
 from helpers import run_command
 from train_helpers import make_base_model, make_data
 
-COMMANDS = ("generate", "convert", "lora", "fuse", "evaluate", "bench")
+COMMANDS = ("generate", "convert", "lora", "fuse", "evaluate", "bench", "server", "chat")
 
 
 def command_main(name: str):
@@ -129,7 +128,7 @@ def deep_json(depth: int = 100_000) -> str:
 # ----------------------------------------------------------------------------
 # The cases
 
-G, C, L, F, E, B = "generate", "convert", "lora", "fuse", "evaluate", "bench"
+G, C, L, F, E, B, S = "generate", "convert", "lora", "fuse", "evaluate", "bench", "server"
 
 
 def gen(env, *args, model="mlx"):
@@ -274,6 +273,15 @@ CASES = {
                                  runner="file-size-limit"),
     "conv-unwritable-out": Case(C, lambda e: [_ckpt(e), "-o", e.out / "m"], ["cannot create the output folder"],
                                 runner="unprivileged"),
+    # server: refused before it loads or listens
+    "server-port-negative": Case(S, lambda e: ["--port", -1], ["--port must be between 0 and 65535, got -1"]),
+    "server-port-huge": Case(S, lambda e: ["--port", 70000], ["--port must be between 0 and 65535"]),
+    "server-port-text": Case(S, lambda e: ["--port", "http"], ["--port", "invalid int value"]),
+    "server-max-queue-zero": Case(S, lambda e: ["--max-queue", 0], ["--max-queue must be at least 1"]),
+    "server-model-missing": Case(S, lambda e: ["--model", e.ins / "nowhere"], ["nowhere: no such file or folder"]),
+    "server-bad-split": Case(S, lambda e: ["--reasoning-split", "half"], ["--reasoning-split", "invalid choice"]),
+    "chat-model-missing": Case("chat", lambda e: ["--model", e.ins / "nowhere"], ["nowhere: no such file or folder"]),
+    "chat-top-p-2": Case("chat", lambda e: ["--top-p", 2], ["--top-p must be greater than 0 and at most 1, got 2"]),
     # lora
     "lora-data-missing": Case(L, lambda e: _lora(e, data=e.ins / "nodata"), ["--data", "nodata: no such file or folder"]),
     "lora-bad-json-line": Case(L, lambda e: _lora(e, data=_data(e, ['{"question": oops}'])), ["train.jsonl:1: not valid JSON"]),
@@ -488,6 +496,7 @@ def _error_line(stderr: str, command: str) -> str:
 DROP_PRIVILEGES = """
 import encodings.utf_8_sig, os, sys
 import mlx_lm.models.llama, mlx_lm.models.qwen2, mlx_lm.utils, tqdm
+from mlx_memosight import backend, config, gguf, loading, model
 from mlx_memosight.convert import checkpoint, command, plan, verify, writer
 from mlx_memosight.loading import hf_tokenizer
 hf_tokenizer(sys.argv[1])

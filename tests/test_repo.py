@@ -93,7 +93,7 @@ def test_every_subpackage_is_installed():
     assert found - {"mlx_memosight.demo_model"} <= listed
 
 
-COMMAND_NAMES = ("generate", "convert", "lora", "fuse", "evaluate", "bench")
+COMMAND_NAMES = ("generate", "convert", "lora", "fuse", "evaluate", "bench", "server", "chat")
 
 
 @pytest.mark.parametrize("name", COMMAND_NAMES)
@@ -115,7 +115,10 @@ def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(delay):
     p = subprocess.Popen([sys.executable, "-m", "mlx_memosight.generate", "--prompt",
                           "Mia has 25 apples. Every day she buys 3. How many apples does she have after "
                           "12 days?", "--max-tokens", "5000", "--no-compress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         # as from a terminal, even when the tests run as a background job (whose
+                         # shell has them ignore Ctrl-C, which Python then leaves ignored)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
