@@ -164,3 +164,76 @@ class KVCache:
 
     def state_arrays(self):
         return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
+
+
+class PromptCache:
+    """The KV entries of recent prompts, for prompts that start the same way.
+
+    A prompt's entries are kept as they stand right after its prefill, before
+    any generated token: a causal prefill makes entry ``i`` depend on tokens
+    ``0..i`` only, so the first ``c`` entries of a kept prompt serve any later
+    prompt whose first ``c`` tokens are the same (the next turn of a
+    conversation, a shared system prompt). What a generation adds is never
+    kept: its finished steps are compressed into memory entries and evicted,
+    so an answer's raw tokens have no entries to reuse, and the next turn
+    prefills the answer text again.
+
+    Least recently used prompts go first once the entries held pass
+    ``max_bytes``; a prompt that another kept prompt extends is dropped.
+    Not thread-safe: one engine thread uses it.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.entries: List[tuple] = []  # (token ids, KVCache), most recent last
+        self.hits = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for _, c in self.entries)
+
+    @staticmethod
+    def _common(a, b) -> int:
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
+    def fetch(self, prompt: List[int], num_layers: int):
+        """``(c, cache)``: a cache holding the entries of the first ``c``
+        tokens of ``prompt`` (``c`` < len(prompt): the last token is always
+        run, for its logits), or ``(0, None)``."""
+        best, best_c = None, 0
+        for i, (ids, _) in enumerate(self.entries):
+            c = min(self._common(ids, prompt), len(prompt) - 1)
+            if c > best_c:
+                best, best_c = i, c
+        if best is None:
+            return 0, None
+        ids, kept = self.entries.pop(best)
+        self.entries.append((ids, kept))
+        self.hits += 1
+        cache = KVCache(num_layers)
+        for layer, src in zip(cache.layers, kept.layers):
+            layer.keys, layer.values = src.keys[..., :best_c, :], src.values[..., :best_c, :]
+            layer.length = best_c
+        return best_c, cache
+
+    def store(self, prompt: List[int], cache: "KVCache"):
+        """Keep the first ``len(prompt)`` entries of ``cache`` (just prefilled)."""
+        n = len(prompt)
+        kept = KVCache(len(cache.layers))
+        for layer, src in zip(kept.layers, cache.layers):
+            layer.keys = mx.contiguous(src.keys[..., :n, :])
+            layer.values = mx.contiguous(src.values[..., :n, :])
+            layer.length = n
+        mx.eval(kept.state_arrays())
+        if kept.nbytes > self.max_bytes:
+            return
+        ids = list(prompt)
+        # a kept prompt that this one extends (or repeats) is covered by it
+        self.entries = [(k, c) for k, c in self.entries if not (len(k) <= n and ids[:len(k)] == k)]
+        self.entries.append((ids, kept))
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            self.entries.pop(0)

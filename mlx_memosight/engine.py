@@ -25,7 +25,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, PromptCache
 from .config import MemoSightConfig
 from .errors import GenerationError
 from .kernels import CompactMask
@@ -55,6 +55,7 @@ class GenerationStats:
     decoding would hold at the end (prompt plus every generated token)."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose entries came from a prompt cache
     prompt_time: float = 0.0
     prefill_passes: int = 0
     generated_tokens: int = 0
@@ -187,13 +188,14 @@ class Engine:
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, cache.length)
         return logits[0]
 
-    def _prefill(self, prompt: List[int]) -> mx.array:
-        """Prefill the prompt; returns the logits at its last token.
+    def _prefill(self, prompt: List[int], start: int = 0) -> mx.array:
+        """Prefill the prompt from token ``start`` (the cache holds the
+        entries before it); returns the logits at its last token.
 
         All but the last token go in chunks of which only the KV entries are
         evaluated (as mlx-lm does: the last layer's attention output and MLP
         never run for them), then the last token alone gives the logits."""
-        n, start = len(prompt), 0
+        n = len(prompt)
         while n - start > 1:
             chunk = prompt[start : min(start + self.prefill_step_size, n - 1)]
             self._run(self.builder.prefill(chunk, start, self.cache.length), np.array([len(chunk) - 1]))
@@ -224,13 +226,17 @@ class Engine:
         return select(logits, self.sampler, self.processors, histories, groups)
 
     # -- the loop ------------------------------------------------------------
-    def generate(self, prompt: Sequence[int], max_tokens: int) -> Iterator[TokenEvent]:
+    def generate(self, prompt: Sequence[int], max_tokens: int,
+                 prompt_cache: Optional[PromptCache] = None) -> Iterator[TokenEvent]:
         """Yield the committed tokens one by one.
 
         Args:
             prompt: the prompt's token ids.
             max_tokens: committed output tokens at most (content tokens,
                 splitters and EOS; memory and continue tokens are not output).
+            prompt_cache: reuse the entries of a kept prompt that starts the
+                same way, and keep this prompt's (``stats.cached_prompt_tokens``
+                says how many were reused).
         """
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -241,12 +247,15 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens but the model's context is "
                 f"{self.max_position} (max_position_embeddings)"
             )
-        self.cache = KVCache.for_model(self.model)
-        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        reused, cache = (0, None) if prompt_cache is None else prompt_cache.fetch(prompt, len(self.model.layers))
+        self.cache = cache if cache is not None else KVCache.for_model(self.model)
+        self.stats = GenerationStats(prompt_tokens=len(prompt), cached_prompt_tokens=reused)
         if self.policy is not None:
             self.policy.reset()
         tic = time.perf_counter()
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, reused)
+        if prompt_cache is not None:
+            prompt_cache.store(prompt, self.cache)
         if not mx.all(mx.isfinite(logits)).item():
             raise GenerationError("the model computed NaN or infinite logits from the prompt: its "
                                   "weights hold NaN or inf, or its activations overflow this dtype")

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as _MlxLmResponse
 
 from .backend import describe, reference_blas_in_use
+from .cache import PromptCache
 from .config import MemoSightConfig
 from .engine import Engine, GenerationError, GenerationStats
 from .options import DEFAULT_MAX_TOKENS
@@ -110,6 +111,7 @@ def stream_generate(
     memosight_config: Optional[MemoSightConfig] = None,
     sampler: Optional[Callable] = None,
     logits_processors: Sequence[Callable] = (),
+    prompt_cache: Optional[PromptCache] = None,
     **engine_options,
 ) -> Iterator[GenerationResponse]:
     """Stream the generated text.
@@ -122,6 +124,9 @@ def stream_generate(
         system: the system prompt (default: the template's).
         memosight_config: overrides ``model.memosight_config``.
         sampler, logits_processors: as mlx-lm's (greedy without a sampler).
+        prompt_cache: a :class:`mlx_memosight.cache.PromptCache`: the prompt
+            reuses the KV entries of a kept prompt that starts the same way,
+            and is kept itself.
         engine_options: :class:`mlx_memosight.engine.Engine` settings
             (``draft_len``, ``foresight``, ``compress``, ``schedule``,
             ``foresight_sets``, ``prefill_step_size``).
@@ -140,7 +145,7 @@ def stream_generate(
     detokenizer.reset()
     newline = _newline_id(tokenizer)
     splitter = cfg.token_ids.splitter if cfg is not None else None
-    events = engine.generate(ids, max_tokens)
+    events = engine.generate(ids, max_tokens, prompt_cache)
     prev = None
     for event in events:
         if prev is not None:

@@ -90,7 +90,7 @@ class Server:
 
     def __init__(self, model_path: str, model, tokenizer, model_id: str, api_key: Optional[str] = None,
                  max_queue: int = 16, max_body_bytes: int = 1 << 20, default_max_tokens: int = 2048,
-                 split: str = "steps"):
+                 split: str = "steps", prompt_cache_bytes: int = 1 << 30):
         from .serving import Worker, kv_bytes_per_entry
 
         self.model_path, self.model, self.tokenizer = model_path, model, tokenizer
@@ -102,7 +102,7 @@ class Server:
         self.split = split
         self.context = getattr(model.args, "max_position_embeddings", None)
         self.kv_entry_bytes = kv_bytes_per_entry(model)
-        self.worker = Worker(model, tokenizer, max_queue=max_queue)
+        self.worker = Worker(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes)
         self.created = int(time.time())
 
     # -- requests ------------------------------------------------------------
@@ -326,6 +326,7 @@ class Server:
         n = st.generated_tokens if st is not None else 0
         u = dict(prompt_tokens=len(req.ids), completion_tokens=n, total_tokens=len(req.ids) + n)
         if st is not None:
+            u["prompt_tokens_details"] = {"cached_tokens": st.cached_prompt_tokens}
             u["memosight"] = self.memosight_usage(st)
         return u
 
@@ -525,7 +526,10 @@ def create_app(server: Server, log=None):
             return "stop_sequence" if hit else ("max_tokens" if reason == "length" else "end_turn")
 
         def usage(st) -> dict:
-            return {"input_tokens": len(req.ids), "output_tokens": st.generated_tokens if st else 0,
+            # Anthropic counts cached prompt tokens apart from input_tokens
+            cached = st.cached_prompt_tokens if st else 0
+            return {"input_tokens": len(req.ids) - cached, "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0, "output_tokens": st.generated_tokens if st else 0,
                     "memosight": server.memosight_usage(st) if st else None}
 
         def message(content, reason=None, hit=None, st=None) -> dict:
@@ -634,6 +638,9 @@ def build_parser():
     p.add_argument("--reasoning-split", choices=("steps", "none"), default="steps",
                    help="steps: finished steps (or a <think> block) are the reasoning, the last step the "
                    "answer; none: everything in content (default: steps)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30, help="KV entries of recent prompts kept "
+                   "for later prompts that start the same way, least recently used dropped first (0: none; "
+                   "default: 1 GiB)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (default: info)")
     return p
@@ -645,11 +652,11 @@ def _serve(args):
     from .errors import OptionError
     from .loading import load, resolve_model
 
-    for name in ("port", "max_tokens", "max_queue", "max_body_bytes"):
-        low = 0 if name == "port" else 1
+    for name in ("port", "max_tokens", "max_queue", "max_body_bytes", "prompt_cache_bytes"):
+        low = 0 if name in ("port", "prompt_cache_bytes") else 1
         v = getattr(args, name)
         if v < low or (name == "port" and v > 65535):
-            raise OptionError(f"{name} must be {'between 0 and 65535' if name == 'port' else 'at least 1'}, "
+            raise OptionError(f"{name} must be {'between 0 and 65535' if name == 'port' else f'at least {low}'}, "
                               f"got {v}", name)
     path = resolve_model(args.model)
     model, tokenizer = load(path, adapter_path=args.adapter_path)
@@ -660,7 +667,8 @@ def _serve(args):
     model_id = args.model or "mlx-memosight-demo"
     server = Server(str(path), model, tokenizer, model_id, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                    default_max_tokens=args.max_tokens, split=args.reasoning_split)
+                    default_max_tokens=args.max_tokens, split=args.reasoning_split,
+                    prompt_cache_bytes=args.prompt_cache_bytes)
     if args.host not in LOCAL_HOSTS:
         print(f"warning: listening on {args.host}: other machines can reach this server"
               + ("" if server.api_key else " and no --api-key is set"), file=sys.stderr)

@@ -251,10 +251,15 @@ class Job:
 class Worker:
     """Runs jobs one at a time on the model, in arrival order, in a thread of
     its own (the model's arrays are used from that thread only). At most
-    ``max_queue`` jobs wait; :meth:`submit` raises :class:`Busy` beyond."""
+    ``max_queue`` jobs wait; :meth:`submit` raises :class:`Busy` beyond.
+    Prompts share KV entries through a :class:`mlx_memosight.cache.PromptCache`
+    of ``prompt_cache_bytes`` (0: none)."""
 
-    def __init__(self, model, tokenizer, max_queue: int = 16):
+    def __init__(self, model, tokenizer, max_queue: int = 16, prompt_cache_bytes: int = 1 << 30):
+        from .cache import PromptCache
+
         self.model, self.tokenizer = model, tokenizer
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.current: Optional[Job] = None
         self.served = 0
@@ -302,7 +307,8 @@ class Worker:
             mx.random.seed(job.seed)
         last = None
         stream = stream_generate(self.model, self.tokenizer, job.ids, job.max_tokens, sampler=job.sampler,
-                                 logits_processors=job.logits_processors, **job.engine_options)
+                                 logits_processors=job.logits_processors, prompt_cache=self.prompt_cache,
+                                 **job.engine_options)
         try:
             for r in stream:
                 if job.cancelled.is_set():

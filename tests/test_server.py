@@ -515,3 +515,58 @@ def test_chat_repl_through_a_terminal():
         if p.poll() is None:
             p.kill()
         os.close(main)
+
+
+# ---------------------------------------------------------------------------
+# Prompt cache
+
+
+def test_prompt_cache_reuses_a_shared_prefix_and_changes_nothing(demo_model):
+    from mlx_memosight.cache import PromptCache
+    from mlx_memosight.generation import prompt_ids
+
+    model, tok = demo_model
+    cfg = model.memosight_config
+    first = conversation_ids(tok, [Message("user", _question(0))], cfg)
+    answer = generate(model, tok, first, max_tokens=MAX)
+    second = conversation_ids(tok, [Message("user", _question(0)), Message("assistant", "\\boxed{52}"),
+                                    Message("user", _question(4))], cfg)
+    other = prompt_ids(tok, _question(5), cfg)  # shares the system prompt only
+    cache = PromptCache()
+    runs = {}
+    for name, ids in (("first", first), ("second", second), ("other", other), ("again", other)):
+        r = generate(model, tok, ids, max_tokens=MAX, prompt_cache=cache)
+        runs[name] = r
+        # the reference: the same prompt without a cache
+        assert r.token_ids == generate(model, tok, ids, max_tokens=MAX).token_ids, name
+    assert runs["first"].token_ids == answer.token_ids
+    assert runs["first"].stats.cached_prompt_tokens == 0
+    assert runs["second"].stats.cached_prompt_tokens == len(first)  # the whole first prompt
+    shared = next(i for i, (a, b) in enumerate(zip(second, other)) if a != b)
+    assert 0 < runs["other"].stats.cached_prompt_tokens == shared
+    assert runs["again"].stats.cached_prompt_tokens == len(other) - 1  # the last token runs for its logits
+    # the second prompt extends the first, which is then dropped; entries take what they say
+    kept = [ids for ids, _ in cache.entries]
+    assert first not in kept and second in kept and other in kept
+    per_entry = sum(c.nbytes for _, c in cache.entries) // sum(len(k) for k in kept)
+    assert per_entry == 2 * len(model.layers) * model.args.num_key_value_heads * \
+        (model.args.hidden_size // model.args.num_attention_heads) * 4
+    # a budget for one prompt keeps only the most recent
+    small = PromptCache(max_bytes=per_entry * (len(other) + 10))
+    generate(model, tok, second, max_tokens=5, prompt_cache=small)
+    generate(model, tok, other, max_tokens=5, prompt_cache=small)
+    assert [ids for ids, _ in small.entries] == [other]
+
+
+def test_second_turn_reports_cached_prompt_tokens(served):
+    client = served.openai()
+    messages = [{"role": "user", "content": _question(6)}]
+    r1 = client.chat.completions.create(model="demo", messages=messages, max_tokens=MAX)
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": _question(7)}]
+    r2 = client.chat.completions.create(model="demo", messages=messages, max_tokens=MAX)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens
+    a = served.anthropic().messages.create(model="demo", max_tokens=5, messages=messages)
+    assert a.usage.cache_read_input_tokens == r2.usage.prompt_tokens - 1  # the same prompt again
+    assert a.usage.input_tokens == 1
