@@ -570,3 +570,18 @@ def test_second_turn_reports_cached_prompt_tokens(served):
     a = served.anthropic().messages.create(model="demo", max_tokens=5, messages=messages)
     assert a.usage.cache_read_input_tokens == r2.usage.prompt_tokens - 1  # the same prompt again
     assert a.usage.input_tokens == 1
+
+
+def test_bench_server_script():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "examples/bench_server.py", "--clients", "1", "2", "--max-tokens", "20"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("mlx_memosight.server", "mlx_lm."))]
+    assert [(x[0], x[1]) for x in rows] == [("mlx_memosight.server", "1"), ("mlx_memosight.server", "2"),
+                                            ("mlx_lm.server", "1"), ("mlx_lm.server", "2")]
+    assert all(float(x[3]) > 0 for x in rows) and rows[2][4] == rows[3][4] == "1.00x"
