@@ -349,8 +349,9 @@ def _sse(data: dict, event: Optional[str] = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: Server, log=None):
-    """The Starlette application serving ``server``."""
+def create_app(server: Server, log=None, log_requests: bool = False):
+    """The Starlette application serving ``server``. ``log(line)`` gets one
+    line per refused request, and with ``log_requests`` one per request."""
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
@@ -388,7 +389,11 @@ def create_app(server: Server, log=None):
         async def wrapped(request):
             try:
                 server.check_key(request.headers)
-                return await handler(request)
+                response = await handler(request)
+                if log_requests:
+                    log(f"{request.method} {request.url.path}: {response.status_code}"
+                        + (" (streamed)" if response.media_type == "text/event-stream" else ""))
+                return response
             except ApiError as e:
                 log(f"{request.method} {request.url.path}: {e.status} {e.message}")
                 return JSONResponse(shape(e), status_code=e.status)
@@ -674,7 +679,9 @@ def _serve(args):
               + ("" if server.api_key else " and no --api-key is set"), file=sys.stderr)
     print(f"serving {model_id} on http://{args.host}:{args.port}/v1 (OpenAI) and /v1/messages (Anthropic)",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    # one line per request, ours (uvicorn's access log would add a second for a refused one)
+    uvicorn.run(create_app(server, log_requests=True), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=False)
 
 
 def main(argv=None):
