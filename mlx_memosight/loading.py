@@ -144,8 +144,12 @@ def hf_tokenizer(path):
 
 
 def unwrap_tokenizer(tokenizer):
-    """The Hugging Face tokenizer inside mlx-lm's wrapper (or the tokenizer itself)."""
-    return getattr(tokenizer, "_tokenizer", tokenizer)
+    """The Hugging Face tokenizer inside mlx-lm's wrapper (or the tokenizer
+    itself: a fast Hugging Face tokenizer has a ``_tokenizer`` too, the Rust
+    one inside it)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
 
 
 def load_folder(path, lazy: bool = False) -> ModelFolder:

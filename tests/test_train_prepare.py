@@ -62,6 +62,21 @@ def test_added_rows_follow_spec(tmp_path, family, extra_rows):
     assert add_token_rows(model, tok) == []
 
 
+def test_a_plain_hugging_face_tokenizer_works_as_the_wrapper_does(tmp_path):
+    """prepare() takes a tokenizer from AutoTokenizer too (whose own
+    ``_tokenizer`` is the Rust tokenizer, not a Hugging Face one)."""
+    from transformers import AutoTokenizer
+
+    path = make_base_model(tmp_path / "base", "llama")
+    model, tok, hf_config, _ = load_base(path)
+    ref, ref_tok, ref_config, _ = load_base(path)
+    hf_tok = AutoTokenizer.from_pretrained(str(path))
+    cfg, added = prepare(model, hf_tok, hf_config)
+    ref_cfg, ref_added = prepare(ref, ref_tok, ref_config)
+    assert added == ref_added and cfg.token_ids == ref_cfg.token_ids and len(hf_tok) == len(ref_tok)
+    np.testing.assert_array_equal(np.array(model.model.embed_tokens.weight), np.array(ref.model.embed_tokens.weight))
+
+
 def test_quantized_base_gets_quantized_rows(tmp_path):
     path = make_base_model(tmp_path / "base", "llama")
     model, tok, hf_config, _ = load_base(path)
