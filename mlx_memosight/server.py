@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
@@ -411,20 +412,44 @@ def create_app(server: Server, log=None, log_requests: bool = False):
         return JSONResponse({"object": "list", "data": [
             {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "mlx-memosight"}]})
 
-    async def first(agen):
-        """Start a generation: errors before the first item become a response."""
+    async def start(req: Request, request):
+        """Start a generation: a refused or failed start raises here (and
+        becomes an error response); returns its items, closed at the end or
+        when the client leaves."""
+        agen = server.run(req, request.is_disconnected)
         try:
-            item = await agen.__anext__()
+            head = await agen.__anext__()
         except StopAsyncIteration:
-            item = None
-        return item
+            head = None
+
+        async def items():
+            try:
+                if head is not None:
+                    yield head
+                    async for item in agen:
+                        yield item
+            finally:
+                await agen.aclose()
+
+        return items()
+
+    async def collect(items):
+        """A whole generation: ``(text per kind, done payload)``; the payload
+        is None when the client left."""
+        parts, done = {"reasoning": "", "answer": ""}, None
+        async with aclosing(items):
+            async for kind, payload in items:
+                if kind == "delta":
+                    parts[payload.kind] += payload.text
+                else:
+                    done = payload
+        return parts, done
 
     async def chat(request):
         body = await read_body(request)
         req = server.chat_request(body)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        agen = server.run(req, request.is_disconnected)
-        head = await first(agen)
+        items = await start(req, request)
 
         def choice_delta(d) -> dict:
             if d.kind == "reasoning":
@@ -432,15 +457,7 @@ def create_app(server: Server, log=None, log_requests: bool = False):
             return {"content": d.text}
 
         if not req.stream:
-            parts = {"reasoning": "", "answer": ""}
-            done = None
-            item = head
-            while item is not None:
-                if item[0] == "delta":
-                    parts[item[1].kind] += item[1].text
-                else:
-                    done = item[1]
-                item = await first(agen)
+            parts, done = await collect(items)
             if done is None:  # the client left
                 return JSONResponse({}, status_code=499)
             st, reason, _ = done
@@ -457,22 +474,17 @@ def create_app(server: Server, log=None, log_requests: bool = False):
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
-            item = head
-            try:
-                while item is not None:
-                    if item[0] == "delta":
-                        yield chunk(choice_delta(item[1]))
-                    else:
-                        st, reason, _ = item[1]
-                        yield chunk({}, reason)
-                        if req.include_usage:
-                            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                        "model": server.model_id, "choices": [],
-                                        "usage": server.openai_usage(req, st)})
-                        yield "data: [DONE]\n\n"
-                    item = await first(agen)
-            finally:
-                await agen.aclose()
+            async with aclosing(items):  # a client gone stops its generation at once
+                async for kind, payload in items:
+                    if kind == "delta":
+                        yield chunk(choice_delta(payload))
+                        continue
+                    st, reason, _ = payload
+                    yield chunk({}, reason)
+                    if req.include_usage:
+                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                    "model": server.model_id, "choices": [], "usage": server.openai_usage(req, st)})
+                    yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -480,43 +492,32 @@ def create_app(server: Server, log=None, log_requests: bool = False):
         body = await read_body(request)
         req = server.completion_request(body)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        agen = server.run(req, request.is_disconnected)
-        head = await first(agen)
+        items = await start(req, request)
 
         def piece(text, finish=None) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": server.model_id,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         if not req.stream:
-            text, done, item = "", None, head
-            while item is not None:
-                if item[0] == "delta":
-                    text += item[1].text
-                else:
-                    done = item[1]
-                item = await first(agen)
+            parts, done = await collect(items)  # the whole text is the answer here (no split)
             if done is None:
                 return JSONResponse({}, status_code=499)
-            out = piece(text, done[1])
+            out = piece(parts["answer"], done[1])
             out["usage"] = server.openai_usage(req, done[0])
             return JSONResponse(out)
 
         async def events():
-            item = head
-            try:
-                while item is not None:
-                    if item[0] == "delta":
-                        yield _sse(piece(item[1].text))
-                    else:
-                        yield _sse(piece("", item[1][1]))
-                        if req.include_usage:
-                            u = piece("")
-                            u["choices"], u["usage"] = [], server.openai_usage(req, item[1][0])
-                            yield _sse(u)
-                        yield "data: [DONE]\n\n"
-                    item = await first(agen)
-            finally:
-                await agen.aclose()
+            async with aclosing(items):  # a client gone stops its generation at once
+                async for kind, payload in items:
+                    if kind == "delta":
+                        yield _sse(piece(payload.text))
+                        continue
+                    yield _sse(piece("", payload[1]))
+                    if req.include_usage:
+                        u = piece("")
+                        u["choices"], u["usage"] = [], server.openai_usage(req, payload[0])
+                        yield _sse(u)
+                    yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -524,8 +525,7 @@ def create_app(server: Server, log=None, log_requests: bool = False):
         body = await read_body(request)
         req = server.chat_request(body, anthropic=True)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
-        agen = server.run(req, request.is_disconnected)
-        head = await first(agen)
+        items = await start(req, request)
 
         def stop_reason(reason, hit):
             return "stop_sequence" if hit else ("max_tokens" if reason == "length" else "end_turn")
@@ -542,13 +542,7 @@ def create_app(server: Server, log=None, log_requests: bool = False):
                     "content": content, "stop_reason": reason, "stop_sequence": hit, "usage": usage(st)}
 
         if not req.stream:
-            parts, done, item = {"reasoning": "", "answer": ""}, None, head
-            while item is not None:
-                if item[0] == "delta":
-                    parts[item[1].kind] += item[1].text
-                else:
-                    done = item[1]
-                item = await first(agen)
+            parts, done = await collect(items)
             if done is None:
                 return JSONResponse({}, status_code=499)
             st, reason, hit = done
@@ -558,43 +552,39 @@ def create_app(server: Server, log=None, log_requests: bool = False):
             content.append({"type": "text", "text": parts["answer"]})
             return JSONResponse(message(content, stop_reason(reason, hit), hit, st))
 
+        def switch(kind: str, index: int, open_kind):
+            """Events that close the open content block (if any) and open the
+            next one, of ``kind``."""
+            if open_kind is not None:
+                yield _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else \
+                {"type": "text", "text": ""}
+            yield _sse({"type": "content_block_start", "index": index + 1, "content_block": block},
+                       "content_block_start")
+
         async def events():
             yield _sse({"type": "message_start", "message": message([])}, "message_start")
             index, open_kind = -1, None
-            item = head
-            try:
-                while item is not None:
-                    if item[0] == "delta":
-                        d = item[1]
-                        kind = "thinking" if d.kind == "reasoning" else "text"
-                        if kind != open_kind:
-                            if open_kind is not None:
-                                yield _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-                            index, open_kind = index + 1, kind
-                            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
-                                else {"type": "text", "text": ""}
-                            yield _sse({"type": "content_block_start", "index": index, "content_block": block},
-                                       "content_block_start")
-                        delta = {"type": "thinking_delta", "thinking": d.text} if kind == "thinking" else \
-                            {"type": "text_delta", "text": d.text}
+            async with aclosing(items):  # a client gone stops its generation at once
+                async for kind, payload in items:
+                    # at the end the answer block is open, even when empty
+                    block = "thinking" if kind == "delta" and payload.kind == "reasoning" else "text"
+                    if block != open_kind:
+                        for e in switch(block, index, open_kind):
+                            yield e
+                        index, open_kind = index + 1, block
+                    if kind == "delta":
+                        delta = {"type": "thinking_delta", "thinking": payload.text} if block == "thinking" else \
+                            {"type": "text_delta", "text": payload.text}
                         yield _sse({"type": "content_block_delta", "index": index, "delta": delta},
                                    "content_block_delta")
-                    else:
-                        st, reason, hit = item[1]
-                        if open_kind != "text":  # the answer block, even when empty
-                            if open_kind is not None:
-                                yield _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-                            index += 1
-                            yield _sse({"type": "content_block_start", "index": index,
-                                        "content_block": {"type": "text", "text": ""}}, "content_block_start")
-                        yield _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-                        yield _sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason, hit),
-                                                                       "stop_sequence": hit},
-                                    "usage": usage(st)}, "message_delta")
-                        yield _sse({"type": "message_stop"}, "message_stop")
-                    item = await first(agen)
-            finally:
-                await agen.aclose()
+                        continue
+                    st, reason, hit = payload
+                    yield _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+                    yield _sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason, hit),
+                                                                   "stop_sequence": hit},
+                                "usage": usage(st)}, "message_delta")
+                    yield _sse({"type": "message_stop"}, "message_stop")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
