@@ -253,6 +253,33 @@ class GenerationOptions(Options):
 
 
 # ----------------------------------------------------------------------------
+# Serving
+
+REASONING_SPLITS = ("steps", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class ServerOptions(Options):
+    """How ``mlx_memosight.server`` listens and what it allows."""
+
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8080, "port to listen on", low=0, high=65535)
+    api_key: Optional[str] = option(None, "require this key on every request (default: "
+                                    "$MLX_MEMOSIGHT_API_KEY, else none)", kind=str)
+    max_tokens: int = option(2048, "a request's max_tokens when it sets none", low=1)
+    max_queue: int = option(16, "requests that may wait for the model; more get a 503", low=1)
+    max_body_bytes: int = option(1 << 20, "largest request body; larger get a 413", low=1)
+    reasoning_split: str = option("steps", "steps: finished steps (or a <think> block) are the "
+                                  "reasoning, the last step the answer; none: everything in content",
+                                  choices=REASONING_SPLITS)
+    prompt_cache_bytes: int = option(1 << 30, "KV entries of recent prompts kept for later prompts "
+                                     "that start the same way, least recently used dropped first "
+                                     "(0: none)", low=0)
+    log_level: str = option("info", "uvicorn's log level", choices=LOG_LEVELS)
+
+
+# ----------------------------------------------------------------------------
 # Conversion and GGUF export
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from . import cli
+from .options import REASONING_SPLITS, ServerOptions, add_arguments
 
 API_KEY_ENV = "MLX_MEMOSIGHT_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -90,8 +91,11 @@ class Server:
     """The model, its worker and the API shapes."""
 
     def __init__(self, model_path: str, model, tokenizer, model_id: str, api_key: Optional[str] = None,
-                 max_queue: int = 16, max_body_bytes: int = 1 << 20, default_max_tokens: int = 2048,
-                 split: str = "steps", prompt_cache_bytes: int = 1 << 30):
+                 max_queue: int = ServerOptions.default("max_queue"),
+                 max_body_bytes: int = ServerOptions.default("max_body_bytes"),
+                 default_max_tokens: int = ServerOptions.default("max_tokens"),
+                 split: str = ServerOptions.default("reasoning_split"),
+                 prompt_cache_bytes: int = ServerOptions.default("prompt_cache_bytes")):
         from .serving import Worker, kv_bytes_per_entry
 
         self.model_path, self.model, self.tokenizer = model_path, model, tokenizer
@@ -179,11 +183,9 @@ class Server:
         return [s for s in v if s]
 
     def split_of(self, body: dict) -> str:
-        from .serving import SPLITS
-
         v = _field(body, "reasoning_split", str, self.split)
-        if v not in SPLITS:
-            raise ApiError(400, f"reasoning_split must be one of {', '.join(SPLITS)}, got {v!r}",
+        if v not in REASONING_SPLITS:
+            raise ApiError(400, f"reasoning_split must be one of {', '.join(REASONING_SPLITS)}, got {v!r}",
                            "reasoning_split")
         return v
 
@@ -619,40 +621,16 @@ def build_parser():
     )
     p.add_argument("--model", help="MLX model folder or .gguf file (default: the packaged demo model)")
     p.add_argument("--adapter-path", help="MemoSight adapters (mlx_memosight.lora) to load into --model")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
-                   "only)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
-    p.add_argument("--api-key", default=None, help=f"require this key on every request (default: "
-                   f"${API_KEY_ENV}, else none)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="a request's max_tokens when it sets none "
-                   "(default: 2048)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model; more get a "
-                   "503 (default: 16)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger get a 413 "
-                   "(default: 1 MiB)")
-    p.add_argument("--reasoning-split", choices=("steps", "none"), default="steps",
-                   help="steps: finished steps (or a <think> block) are the reasoning, the last step the "
-                   "answer; none: everything in content (default: steps)")
-    p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30, help="KV entries of recent prompts kept "
-                   "for later prompts that start the same way, least recently used dropped first (0: none; "
-                   "default: 1 GiB)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="uvicorn's log level (default: info)")
+    add_arguments(p, ServerOptions)
     return p
 
 
 def _serve(args):
     import uvicorn
 
-    from .errors import OptionError
     from .loading import load, resolve_model
 
-    for name in ("port", "max_tokens", "max_queue", "max_body_bytes", "prompt_cache_bytes"):
-        low = 0 if name in ("port", "prompt_cache_bytes") else 1
-        v = getattr(args, name)
-        if v < low or (name == "port" and v > 65535):
-            raise OptionError(f"{name} must be {'between 0 and 65535' if name == 'port' else f'at least {low}'}, "
-                              f"got {v}", name)
+    o = ServerOptions.from_args(args)
     path = resolve_model(args.model)
     model, tokenizer = load(path, adapter_path=args.adapter_path)
     if model.memosight_config is None:
@@ -660,17 +638,16 @@ def _serve(args):
 
         print(memosight_notice(path), file=sys.stderr)
     model_id = args.model or "mlx-memosight-demo"
-    server = Server(str(path), model, tokenizer, model_id, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-                    max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                    default_max_tokens=args.max_tokens, split=args.reasoning_split,
-                    prompt_cache_bytes=args.prompt_cache_bytes)
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: listening on {args.host}: other machines can reach this server"
+    server = Server(str(path), model, tokenizer, model_id, api_key=o.api_key or os.environ.get(API_KEY_ENV),
+                    max_queue=o.max_queue, max_body_bytes=o.max_body_bytes, default_max_tokens=o.max_tokens,
+                    split=o.reasoning_split, prompt_cache_bytes=o.prompt_cache_bytes)
+    if o.host not in LOCAL_HOSTS:
+        print(f"warning: listening on {o.host}: other machines can reach this server"
               + ("" if server.api_key else " and no --api-key is set"), file=sys.stderr)
-    print(f"serving {model_id} on http://{args.host}:{args.port}/v1 (OpenAI) and /v1/messages (Anthropic)",
+    print(f"serving {model_id} on http://{o.host}:{o.port}/v1 (OpenAI) and /v1/messages (Anthropic)",
           file=sys.stderr, flush=True)
     # one line per request, ours (uvicorn's access log would add a second for a refused one)
-    uvicorn.run(create_app(server, log_requests=True), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(create_app(server, log_requests=True), host=o.host, port=o.port, log_level=o.log_level,
                 access_log=False)
 
 

@@ -33,7 +33,6 @@ NEXT_TURN = {
     "plain": "\n\nQuestion: {question}\n\nAnswer:\n",
 }
 ROLES = ("system", "user", "assistant")
-SPLITS = ("steps", "none")
 
 
 class RequestError(MemoSightError):

@@ -276,7 +276,7 @@ CASES = {
     # server: refused before it loads or listens
     "server-port-negative": Case(S, lambda e: ["--port", -1], ["--port must be between 0 and 65535, got -1"]),
     "server-port-huge": Case(S, lambda e: ["--port", 70000], ["--port must be between 0 and 65535"]),
-    "server-port-text": Case(S, lambda e: ["--port", "http"], ["--port", "invalid int value"]),
+    "server-port-text": Case(S, lambda e: ["--port", "http"], ["--port", "'http' is not an integer"]),
     "server-max-queue-zero": Case(S, lambda e: ["--max-queue", 0], ["--max-queue must be at least 1"]),
     "server-model-missing": Case(S, lambda e: ["--model", e.ins / "nowhere"], ["nowhere: no such file or folder"]),
     "server-bad-split": Case(S, lambda e: ["--reasoning-split", "half"], ["--reasoning-split", "invalid choice"]),
