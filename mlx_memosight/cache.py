@@ -186,7 +186,6 @@ class PromptCache:
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self.entries: List[tuple] = []  # (token ids, KVCache), most recent last
-        self.hits = 0
 
     @property
     def nbytes(self) -> int:
@@ -213,7 +212,6 @@ class PromptCache:
             return 0, None
         ids, kept = self.entries.pop(best)
         self.entries.append((ids, kept))
-        self.hits += 1
         cache = KVCache(num_layers)
         for layer, src in zip(cache.layers, kept.layers):
             layer.keys, layer.values = src.keys[..., :best_c, :], src.values[..., :best_c, :]

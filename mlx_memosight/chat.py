@@ -27,6 +27,7 @@ def build_parser():
 def _chat(args):
     import mlx.core as mx
 
+    from .errors import MemoSightError
     from .generation import special_ids, stream_generate
     from .loading import load, resolve_model
     from .serving import AnswerSplitter, Message, conversation_ids
@@ -64,7 +65,7 @@ def _chat(args):
         turn = history + [Message("user", text)]
         try:
             ids = conversation_ids(tokenizer, turn, cfg)
-        except Exception as e:  # a conversation the template cannot hold: say so, keep the session
+        except MemoSightError as e:  # a conversation the template cannot hold: say so, keep the session
             print(f"error: {e}", flush=True)
             continue
         splitter = AnswerSplitter()

@@ -8,16 +8,15 @@ A MemoSight model writes its reasoning as steps, each closed by
 model closes it with a splitter, then EOS) and the reasoning is every step
 before it. A finished step is known to be reasoning once another step with
 text has finished after it, so reasoning streams a step at a time, one step
-behind, and the answer comes when the generation ends. A model that writes a ``<think>`` block (Qwen3,
-R1-style distills) is split at ``</think>`` instead and streams token by
-token. ``split="none"`` keeps everything in the answer, streamed token by
+behind, and the answer comes when the generation ends. A model that writes a
+``<think>`` block (Qwen3, R1-style distills) is split at ``</think>``
+instead and streams token by token. ``split="none"`` keeps everything in the answer, streamed token by
 token. Trailing newlines of the answer are dropped (as ``generate`` prints
 it), so reasoning + answer is ``generate``'s printed text.
 """
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -32,7 +31,6 @@ NEXT_TURN = {
               "<|start_header_id|>assistant<|end_header_id|>\n",
     "plain": "\n\nQuestion: {question}\n\nAnswer:\n",
 }
-ROLES = ("system", "user", "assistant")
 
 
 class RequestError(MemoSightError):
@@ -103,7 +101,6 @@ class AnswerSplitter:
     """
 
     def __init__(self, split: str = "steps", stop: Sequence[str] = ()):
-        self.split = split
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped = False
@@ -114,9 +111,6 @@ class AnswerSplitter:
         self.pending = ""  # text not yet checked against all stop strings
         self.seen = ""  # everything passed the stop check, for the <think> test
         self.in_think = False
-
-    def _kind_now(self) -> str:
-        return "reasoning" if self.in_think else "answer"
 
     def _emit(self, text: str, step_end: bool, out: List[Delta]):
         """Text that passed the stop check."""
@@ -244,7 +238,6 @@ class Job:
     engine_options: dict = field(default_factory=dict)
     seed: Optional[int] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Worker:
@@ -261,7 +254,6 @@ class Worker:
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.current: Optional[Job] = None
-        self.served = 0
         self.cancelled_jobs = 0  # stopped early: the client left or a stop string ended the text
         self.thread = threading.Thread(target=self._loop, name="memosight-worker", daemon=True)
         self.thread.start()
@@ -295,7 +287,6 @@ class Worker:
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
                 self.current = None
-                self.served += 1
 
     def _run(self, job: Job):
         import mlx.core as mx
