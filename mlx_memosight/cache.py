@@ -166,6 +166,185 @@ class KVCache:
         return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
 
 
+def _round_up(n: int, step: int) -> int:
+    return max(step, ((n + step - 1) // step) * step)
+
+
+class _BatchPass(_Pass):
+    __slots__ = ("index", "num_keys")
+
+    def __init__(self):
+        super().__init__()
+        self.index = None  # (B, 1, N, 1) slots each row's block is written to
+        self.num_keys = 0
+
+
+class BatchLayerCache(LayerCache):
+    """One layer's keys and values for a batch of sequences: ``(B, H, capacity,
+    D)`` buffers in which row ``b`` holds its own entries at slots ``0 ..
+    length_b``; what lies past a row's length is stale and masked."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        K = self._pass.num_keys
+        if self.keys.shape[2] < K:
+            self.grow(K)
+        index = self._pass.index
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        return self.keys[..., :K, :], self.values[..., :K, :]
+
+    def grow(self, n: int):
+        """Make room for ``n`` slots per row."""
+        B, H, cap, Dk = self.keys.shape
+        new = _round_up(n, self.step)
+        if new <= cap:
+            return
+        self.keys = mx.concatenate([self.keys, mx.zeros((B, H, new - cap, Dk), self.keys.dtype)], axis=2)
+        Dv = self.values.shape[3]
+        self.values = mx.concatenate([self.values, mx.zeros((B, H, new - cap, Dv), self.values.dtype)], axis=2)
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError("a batched layer has one length per row: ask BatchKVCache.nbytes")
+
+
+class BatchRow:
+    """One sequence's view of a :class:`BatchKVCache`: what the decoder of
+    one sequence asks of a cache (``length``, ``trim``, ``evict``)."""
+
+    def __init__(self, batch: "BatchKVCache", length: int):
+        self.batch = batch
+        self.length = length
+
+    @property
+    def index(self) -> int:
+        return self.batch.rows.index(self)
+
+    def trim(self, n: int):
+        if n < 0 or n > self.length:
+            raise ValueError(f"cannot trim {n} of {self.length} entries")
+        self.length -= n
+
+    def evict(self, start: int, end: int):
+        self.batch.evict(self, start, end)
+
+
+class BatchKVCache:
+    """The KV cache of a batch of sequences, each with its own length,
+    positions and evictions; sequences join (:meth:`add`) and leave
+    (:meth:`remove`) between passes.
+
+    Rows share per-layer buffers ``(B, H, capacity, D)``: a pass writes each
+    row's block at that row's own length (one scatter per layer), and attends
+    over ``max length + block`` keys under a per-row mask that hides every
+    slot past a row's own entries. A row's eviction moves its own tail down.
+    """
+
+    def __init__(self, num_layers: int):
+        self._pass = _BatchPass()
+        self.layers: List[BatchLayerCache] = [BatchLayerCache(self._pass) for _ in range(num_layers)]
+        self.rows: List[BatchRow] = []
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def add(self, cache: KVCache) -> BatchRow:
+        """A new last row holding ``cache``'s entries (a prefilled prompt)."""
+        n = cache.length
+        cap = _round_up(n, LayerCache.step)
+        for layer, src in zip(self.layers, cache.layers):
+            k, v = src.keys[..., :n, :], src.values[..., :n, :]
+            if layer.keys is not None:
+                layer.grow(n)
+                cap = layer.keys.shape[2]
+            pad = [(0, 0), (0, 0), (0, cap - n), (0, 0)]
+            k, v = mx.pad(k, pad), mx.pad(v, pad)
+            if layer.keys is None:
+                layer.keys, layer.values = k, v
+            else:
+                layer.keys = mx.concatenate([layer.keys, k])
+                layer.values = mx.concatenate([layer.values, v])
+        mx.eval(self.state_arrays())
+        row = BatchRow(self, n)
+        self.rows.append(row)
+        return row
+
+    def remove(self, row: BatchRow):
+        """Drop a row (its sequence has finished or was cancelled)."""
+        b = row.index
+        self.rows.pop(b)
+        for layer in self.layers:
+            if not self.rows:
+                layer.keys = layer.values = None
+            else:
+                layer.keys = mx.concatenate([layer.keys[:b], layer.keys[b + 1 :]])
+                layer.values = mx.concatenate([layer.values[:b], layer.values[b + 1 :]])
+        if self.rows:
+            mx.eval(self.state_arrays())
+
+    def begin_pass(self, positions, mask, widths):
+        """Positions (``TokenPositions`` ``(B, N)``) and mask (a
+        ``CompactMask`` over ``max length + N`` keys) of the next pass, in
+        which row ``b`` appends ``widths[b]`` real entries (its block padded
+        to ``N``). Row lengths count the new entries from here on."""
+        N = positions.array.shape[1]
+        starts = [r.length for r in self.rows]
+        index = mx.array(starts, mx.int32)[:, None] + mx.arange(N, dtype=mx.int32)
+        self._pass.offset = positions
+        self._pass.mask = mask
+        self._pass.index = index[:, None, :, None]
+        self._pass.num_keys = max(starts) + N
+        for r, w in zip(self.rows, widths):
+            r.length += w
+
+    def evict(self, row: BatchRow, start: int, end: int):
+        """Remove ``[start, end)`` from one row and move its later entries down."""
+        length = row.length
+        if not 0 <= start <= end <= length:
+            raise ValueError(f"cannot evict [{start}, {end}) of {length} entries")
+        if start == end:
+            return
+        if end < length:
+            b = row.index
+            tails = [mx.contiguous(x[b : b + 1, :, end:length, :]) for c in self.layers for x in (c.keys, c.values)]
+            mx.eval(tails)
+            n = length - end
+            for i, c in enumerate(self.layers):
+                c.keys[b : b + 1, :, start : start + n, :] = tails[2 * i]
+                c.values[b : b + 1, :, start : start + n, :] = tails[2 * i + 1]
+        row.length = length - (end - start)
+
+    @property
+    def lengths(self) -> List[int]:
+        return [r.length for r in self.rows]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the rows' valid entries."""
+        if not self.rows:
+            return 0
+        per_entry = sum((c.keys.nbytes + c.values.nbytes) // (c.keys.shape[0] * c.keys.shape[2])
+                        for c in self.layers)
+        return per_entry * sum(self.lengths)
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(c.capacity_nbytes for c in self.layers)
+
+    def state_arrays(self):
+        return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
+
+
 class PromptCache:
     """The KV entries of recent prompts, for prompts that start the same way.
 

@@ -25,12 +25,12 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, PromptCache
+from .cache import BatchKVCache, KVCache, PromptCache
 from .config import MemoSightConfig
 from .errors import GenerationError
 from .kernels import CompactMask
-from .layout import Pass, PassBuilder, StepState
-from .model import TokenPositions, forward
+from .layout import NEVER, Pass, PassBuilder, StepState
+from .model import TokenPositions, forward, lm_head
 from .options import MAX_DRAFT_LEN, GenerationOptions
 from .policy import DraftPolicy, PassCost
 from .sampling import select
@@ -147,18 +147,18 @@ class Engine:
         g = cfg.draft_len if (cfg is not None and draft_len is None) else (draft_len or 0)
         self.draft_len = g if foresight else 0
         self.foresight_sets = foresight_sets
-        self.policy: Optional[DraftPolicy] = None
+        self._policy_args = None  # DraftPolicy's arguments; each sequence gets its own policy
         if foresight and schedule == "fused" and (draft_len is None or foresight_sets == "auto"):
             if draft_len is None:
                 # drafts up to one position past the trained foresight offsets
                 self.draft_len = min(MAX_DRAFT_LEN, max(cfg.draft_len, cfg.max_offset + 2))
-            self.policy = DraftPolicy(PassCost.for_model(model), self.draft_len, cfg.max_offset,
-                                      draft_len, None if foresight_sets == "auto" else foresight_sets)
+            self._policy_args = (PassCost.for_model(model), self.draft_len, cfg.max_offset,
+                                 draft_len, None if foresight_sets == "auto" else foresight_sets)
+        self.policy: Optional[DraftPolicy] = self.new_policy()  # the last generation's
         self.compress = compress
         self.builder = PassBuilder(cfg)
         self.sampler = sampler
         self.processors = list(logits_processors or ())
-        self._tokens: Optional[mx.array] = None  # prompt + committed tokens, for the processors
         self.stop_ids = set(int(i) for i in stop_ids)
         if cfg is not None:
             self.stop_ids.add(cfg.token_ids.eos)
@@ -168,10 +168,14 @@ class Engine:
         self.stats = GenerationStats()
         self.cache: Optional[KVCache] = None
 
+    def new_policy(self) -> Optional[DraftPolicy]:
+        """A drafting policy for one sequence (None where nothing is chosen)."""
+        return DraftPolicy(*self._policy_args) if self._policy_args is not None else None
+
     # -- passes --------------------------------------------------------------
-    def _run(self, p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None) -> mx.array:
-        """Run one pass over the cache; logits at ``rows``."""
-        cache = self.cache
+    def _run(self, seq: "Decoding", p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None) -> mx.array:
+        """Run one pass of one sequence over its cache; logits at ``rows``."""
+        cache = seq.cache
         n = len(p)
         pos = p.positions
         if n == 1 or np.array_equal(pos, np.arange(pos[0], pos[0] + n)):
@@ -185,10 +189,10 @@ class Engine:
         cache.begin_pass(positions, mask)
         x = tokens if tokens is not None else mx.array(p.tokens)
         logits = forward(self.model, x, None, cache=cache, rows=mx.array(rows))
-        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, cache.length)
+        seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, cache.length)
         return logits[0]
 
-    def _prefill(self, prompt: List[int], start: int = 0) -> mx.array:
+    def _prefill(self, seq: "Decoding", prompt: List[int], start: int = 0) -> mx.array:
         """Prefill the prompt from token ``start`` (the cache holds the
         entries before it); returns the logits at its last token.
 
@@ -196,34 +200,42 @@ class Engine:
         evaluated (as mlx-lm does: the last layer's attention output and MLP
         never run for them), then the last token alone gives the logits."""
         n = len(prompt)
+        cache = seq.cache
         while n - start > 1:
             chunk = prompt[start : min(start + self.prefill_step_size, n - 1)]
-            self._run(self.builder.prefill(chunk, start, self.cache.length), np.array([len(chunk) - 1]))
-            self.stats.prefill_passes += 1
-            mx.eval([x for c in self.cache.layers for x in (c.keys, c.values)])
+            self._run(seq, self.builder.prefill(chunk, start, cache.length), np.array([len(chunk) - 1]))
+            seq.stats.prefill_passes += 1
+            mx.eval(cache.state_arrays())
             start += len(chunk)
-        self.stats.prefill_passes += 1
-        return self._run(self.builder.prefill(prompt[start:], start, self.cache.length), np.array([0]))
+        seq.stats.prefill_passes += 1
+        return self._run(seq, self.builder.prefill(prompt[start:], start, cache.length), np.array([0]))
 
-    # -- selection -----------------------------------------------------------
-    def _commit(self, tokens):
-        """Add committed tokens (ints, or a lazy token array) to the history
-        the logits processors see."""
-        if self.processors:
-            t = tokens if isinstance(tokens, mx.array) else mx.array(tokens, mx.int32)
-            self._tokens = mx.concatenate([self._tokens, t.reshape(-1).astype(mx.int32)])
-
-    def _select(self, logits: mx.array, prefixes=None, groups=None) -> mx.array:
-        """Tokens for logits rows ``(R, V)``. Without processors only the
-        sampler matters; with them, rows of group ``j`` see the committed
-        history followed by ``prefixes[j]``."""
-        if not self.processors:
-            return select(logits, self.sampler)
-        if prefixes is None:
-            histories = [self._tokens]
-        else:
-            histories = [mx.concatenate([self._tokens, mx.array(x, mx.int32)]) for x in prefixes]
-        return select(logits, self.sampler, self.processors, histories, groups)
+    def start(self, prompt: Sequence[int], max_tokens: int,
+              prompt_cache: Optional[PromptCache] = None) -> "Decoding":
+        """Check the prompt, prefill it into a cache of its own and choose
+        the first token: a :class:`Decoding` whose first event is pending."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        GenerationOptions.check("max_tokens", max_tokens)
+        if self.max_position is not None and len(prompt) >= self.max_position:
+            raise GenerationError(
+                f"the prompt has {len(prompt)} tokens but the model's context is "
+                f"{self.max_position} (max_position_embeddings)"
+            )
+        reused, cache = (0, None) if prompt_cache is None else prompt_cache.fetch(prompt, len(self.model.layers))
+        seq = Decoding(self, cache if cache is not None else KVCache.for_model(self.model), prompt, max_tokens)
+        seq.stats.cached_prompt_tokens = reused
+        tic = time.perf_counter()
+        logits = self._prefill(seq, prompt, reused)
+        if prompt_cache is not None:
+            prompt_cache.store(prompt, seq.cache)
+        if not mx.all(mx.isfinite(logits)).item():
+            raise GenerationError("the model computed NaN or infinite logits from the prompt: its "
+                                  "weights hold NaN or inf, or its activations overflow this dtype")
+        seq.begin(int(seq.select(logits)[0].item()))
+        seq.stats.prompt_time = time.perf_counter() - tic
+        return seq
 
     # -- the loop ------------------------------------------------------------
     def generate(self, prompt: Sequence[int], max_tokens: int,
@@ -238,135 +250,360 @@ class Engine:
                 same way, and keep this prompt's (``stats.cached_prompt_tokens``
                 says how many were reused).
         """
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise GenerationError("the prompt is empty")
-        GenerationOptions.check("max_tokens", max_tokens)
-        if self.max_position is not None and len(prompt) >= self.max_position:
-            raise GenerationError(
-                f"the prompt has {len(prompt)} tokens but the model's context is "
-                f"{self.max_position} (max_position_embeddings)"
-            )
-        reused, cache = (0, None) if prompt_cache is None else prompt_cache.fetch(prompt, len(self.model.layers))
-        self.cache = cache if cache is not None else KVCache.for_model(self.model)
-        self.stats = GenerationStats(prompt_tokens=len(prompt), cached_prompt_tokens=reused)
-        if self.policy is not None:
-            self.policy.reset()
+        seq = self.start(prompt, max_tokens, prompt_cache)
+        self.cache, self.stats, self.policy = seq.cache, seq.stats, seq.policy
         tic = time.perf_counter()
-        logits = self._prefill(prompt, reused)
-        if prompt_cache is not None:
-            prompt_cache.store(prompt, self.cache)
-        if not mx.all(mx.isfinite(logits)).item():
-            raise GenerationError("the model computed NaN or infinite logits from the prompt: its "
-                                  "weights hold NaN or inf, or its activations overflow this dtype")
-        self._tokens = mx.array(prompt, mx.int32) if self.processors else None
-        anchor = int(self._select(logits)[0].item())
-        self.stats.prompt_time = time.perf_counter() - tic
-        tic = time.perf_counter()
-        P = len(prompt)
-        state = _State(anchor=anchor, position=P, step=StepState(self.cache.length, P),
-                       drafts=None if self.schedule == "two-pass" else [])
-        for event in self._loop(state, max_tokens):
-            self.stats.generated_tokens += 1
-            self.stats.generation_time = time.perf_counter() - tic
+        for event in self._loop(seq):
+            seq.stats.generation_time = time.perf_counter() - tic
             yield event
-        self.stats.generation_time = time.perf_counter() - tic
-        if self.policy is not None:
-            self.stats.draft_policy = self.policy.summary()
-        self.stats.final_kv_tokens = self.cache.length
-        self.stats.plain_kv_tokens = P + self.stats.generated_tokens
-        self.stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        seq.stats.generation_time = time.perf_counter() - tic
+        seq.finish()
 
-    def _event(self, token, from_draft=False, compressed=False) -> TokenEvent:
-        return TokenEvent(int(token), from_draft, compressed, self.cache.length, self.stats.forward_passes)
-
-    def _loop(self, s: "_State", max_tokens: int) -> Iterator[TokenEvent]:
-        committed = 1
-        compressed = False
-        self._commit([s.anchor])
-        yield self._event(s.anchor)
+    def _loop(self, seq: "Decoding") -> Iterator[TokenEvent]:
+        yield from seq.take_events()
         lookahead = None  # plain decoding: the pass feeding the anchor is already issued
+        compress_after_lookahead = False
         while True:
-            done = None
-            if s.anchor in self.stop_ids:
-                done = "stop"
-            elif committed >= max_tokens or (
-                self.max_position is not None and s.position + 1 >= self.max_position
-            ):
-                done = "length"
+            done = seq.done()
             if done:
                 if lookahead is not None:
-                    self.cache.trim(1)
-                self.stats.finish_reason = done
+                    seq.cache.trim(1)
+                seq.stats.finish_reason = done
                 return
-            g, layout = self._choice() if lookahead is None else (0, "last")
-            if self.compress and s.anchor == self.splitter:
-                if lookahead is not None:
-                    # the splitter was fed as a plain token ahead of time
-                    self.cache.trim(1)
-                    lookahead = None
-                self._compress(s, g)
-                compressed = True
-                accepted, new = [], [s.anchor]
-            elif not g:
-                s.drafts = [] if s.drafts is not None else None
-                lookahead = self._plain_step(s, lookahead, speculate=committed + 1 < max_tokens)
-                accepted, new = [], [s.anchor]
-            elif self.schedule == "fused":
-                accepted, new = self._fused(s, max_tokens - committed, g, layout)
+            if lookahead is not None and seq.must_compress():
+                # the splitter was fed as a plain token ahead of time; the
+                # compress pass drafts nothing, as the plain steps before it
+                seq.cache.trim(1)
+                lookahead = None
+                compress_after_lookahead = True
+            if lookahead is None:
+                plan = seq.plan(drafting=not compress_after_lookahead)
+            compress_after_lookahead = False
+            if lookahead is not None or plan.kind == "decode":
+                lookahead = self._plain_step(seq, lookahead, speculate=seq.committed + 1 < seq.max_tokens)
             else:
-                accepted, new = self._two_pass(s, max_tokens - committed)
-            for t in accepted:
-                committed += 1
-                yield self._event(t, from_draft=True, compressed=compressed)
-                compressed = False
-            for t in new:
-                committed += 1
-                yield self._event(t, compressed=compressed)
-                compressed = False
+                logits = self._run(seq, plan.p, plan.rows)
+                seq.apply(plan, seq.select(logits, plan).tolist())
+            yield from seq.take_events()
 
-    def _decode_lazy(self, token: mx.array, position: int) -> mx.array:
+    def _decode_lazy(self, seq: "Decoding", token: mx.array, position: int) -> mx.array:
         """Issue a one-token pass feeding ``token`` (possibly not yet
         computed) at ``position``; returns the next token, lazily.
 
         This is the layout's plain decode pass (one token, causal, nothing
         hidden), which needs neither a mask nor per-token positions; building
         it directly keeps per-token overhead at mlx-lm's level."""
-        self.cache.begin_pass(position, None)
-        logits = forward(self.model, token.reshape(1, 1), None, cache=self.cache)
-        self.stats.forward_passes += 1
-        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.cache.length)
-        return self._select(logits[0])
+        seq.cache.begin_pass(position, None)
+        logits = forward(self.model, token.reshape(1, 1), None, cache=seq.cache)
+        seq.stats.forward_passes += 1
+        seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, seq.cache.length)
+        return seq.select(logits[0])
 
-    def _plain_step(self, s: "_State", lookahead, speculate: bool):
+    def _plain_step(self, seq: "Decoding", lookahead, speculate: bool):
         """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
         token is issued before that token is read back, so the device never
         waits for Python. Returns the pass already issued for the new anchor."""
-        y = lookahead if lookahead is not None else self._decode_lazy(mx.array([s.anchor]), s.position)
-        self._commit(y)
+        s = seq.state
+        y = lookahead if lookahead is not None else self._decode_lazy(seq, mx.array([s.anchor]), s.position)
+        seq.commit(y)
         ahead = None
         if speculate:
-            ahead = self._decode_lazy(y, s.position + 1)
+            ahead = self._decode_lazy(seq, y, s.position + 1)
             mx.async_eval(ahead)
         s.anchor = int(y.item())
         s.position += 1
+        seq.emit(s.anchor)
         return ahead
+
+
+@dataclass
+class BatchResult:
+    """What one :meth:`BatchEngine.step` did for one sequence."""
+
+    uid: int
+    events: List[TokenEvent]
+    stats: GenerationStats
+    finished: bool = False
+
+
+class BatchEngine(Engine):
+    """Decodes many sequences together, one forward pass per iteration for
+    all of them (continuous batching).
+
+    Each sequence keeps its own schedule: in the same pass one row may verify
+    drafts and draft the next block while another compresses its finished
+    step, and each accepts and evicts on its own. Rows are padded to the
+    longest block; the compact attention rule of each row hides the padding
+    and every cache slot past that row's own entries, so every sequence
+    commits exactly the tokens it commits alone.
+
+    Sequences join with :meth:`add` (prefilled on their own, then copied
+    into the batch) and leave as soon as they finish (or with
+    :meth:`cancel`). Settings as :class:`Engine`'s; they apply to every
+    sequence.
+    """
+
+    def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
+        super().__init__(model, cfg, **options)
+        self.batch = BatchKVCache(len(model.layers))
+        self.sequences: List["Decoding"] = []  # in the batch's row order
+        self._next_uid = 0
+        self._started: dict = {}  # uid -> time of the first token
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def add(self, prompt: Sequence[int], max_tokens: int, prompt_cache: Optional[PromptCache] = None) -> int:
+        """Prefill a prompt and add its sequence to the batch; returns its id.
+        Its first token comes with the next :meth:`step`."""
+        seq = self.start(prompt, max_tokens, prompt_cache)
+        seq.cache = self.batch.add(seq.cache)
+        seq.uid = self._next_uid
+        self._next_uid += 1
+        self.sequences.append(seq)
+        self._started[seq.uid] = time.perf_counter()
+        return seq.uid
+
+    def cancel(self, uid: int):
+        """Drop a sequence now (its client left)."""
+        for seq in self.sequences:
+            if seq.uid == uid:
+                self._retire(seq, "cancelled")
+                return
+
+    def _retire(self, seq: "Decoding", reason: str):
+        seq.stats.finish_reason = reason
+        seq.stats.generation_time = time.perf_counter() - self._started.pop(seq.uid)
+        seq.finish()
+        self.batch.remove(seq.cache)
+        self.sequences.remove(seq)
+
+    def step(self) -> List[BatchResult]:
+        """One iteration: a pass for every sequence that goes on; returns
+        each sequence's new tokens, and the sequences that finished (they
+        have left the batch)."""
+        out = {}
+        planned = []
+        for seq in list(self.sequences):
+            out[seq.uid] = BatchResult(seq.uid, seq.take_events(), seq.stats)
+            reason = seq.done()
+            if reason:
+                self._retire(seq, reason)
+                out[seq.uid].finished = True
+            else:
+                planned.append((seq, seq.plan()))
+        if planned:
+            tokens = self._run_batch(planned)
+            now = time.perf_counter()
+            for (seq, plan), toks in zip(planned, tokens):
+                seq.apply(plan, toks)
+                out[seq.uid].events += seq.take_events()
+                seq.stats.generation_time = now - self._started[seq.uid]
+        return list(out.values())
+
+    def _run_batch(self, planned) -> List[List[int]]:
+        """One pass for every sequence (rows in the batch's order); each
+        row's selected tokens."""
+        B = len(planned)
+        N = max(len(plan.p) for _, plan in planned)
+        R = max(len(plan.rows) for _, plan in planned)
+        starts = [seq.cache.length for seq, _ in planned]
+        K = max(starts) + N
+        tokens = np.zeros((B, N), np.int32)
+        positions = np.zeros((B, N), np.int32)
+        q_slot = np.zeros((B, N), np.int32)
+        q_limit = np.zeros((B, N), np.int32)
+        until = np.full((B, K), NEVER, np.int32)
+        rows = np.zeros((B, R), np.int32)
+        for b, ((seq, plan), start) in enumerate(zip(planned, starts)):
+            p, n = plan.p, len(plan.p)
+            tokens[b, :n], tokens[b, n:] = p.tokens, p.tokens[-1]
+            positions[b, :n], positions[b, n:] = p.positions, p.positions[-1]
+            # a padding query sees the keys before it: harmless, and never read
+            pad = np.arange(start + n, start + N, dtype=np.int32)
+            q_slot[b, :n], q_slot[b, n:] = p.rule.query_slot, pad
+            q_limit[b, :n], q_limit[b, n:] = p.rule.query_limit, pad + 1
+            until[b, : start + n] = p.rule.key_visible_until
+            rows[b, : len(plan.rows)] = plan.rows
+            seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, start + n)
+        mask = CompactMask(mx.array(q_slot), mx.array(q_limit), mx.array(until))
+        self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, [len(plan.p) for _, plan in planned])
+        h = forward(self.model, mx.array(tokens), None, cache=self.batch, hidden=True)
+        h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
+        logits = lm_head(self.model, h)
+        if not self.processors and self.sampler is None:
+            chosen = mx.argmax(logits, axis=-1)
+        else:
+            chosen = mx.stack([
+                mx.pad(seq.select(logits[b, : len(plan.rows)], plan), [(0, R - len(plan.rows))])
+                for b, (seq, plan) in enumerate(planned)
+            ])
+        chosen = chosen.tolist()
+        return [row[: len(plan.rows)] for row, (_, plan) in zip(chosen, planned)]
+
+    def generate_all(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
+        """Decode every prompt in one batch; each sequence's tokens."""
+        uids = [self.add(p, max_tokens) for p in prompts]
+        tokens = {u: [] for u in uids}
+        while self.sequences:
+            for r in self.step():
+                tokens[r.uid] += [e.token for e in r.events]
+        return [tokens[u] for u in uids]
+
+
+@dataclass
+class Plan:
+    """One pass a sequence asks for, and what its results mean."""
+
+    kind: str  # "compress", "fused", "decode" (one token), "accelerate" or "verify" (two-pass)
+    p: Pass
+    rows: np.ndarray  # the rows of the pass whose logits are read
+    drafts: List[int] = field(default_factory=list)  # the drafts it verifies
+    g: int = 0  # foresight tokens per set
+    groups: Optional[List[int]] = None  # per logits row, the draft prefix it follows
+    prefixes: Optional[List[np.ndarray]] = None  # the histories of those prefixes
+
+
+class Decoding:
+    """One sequence being decoded: its position, step and drafts, its cache
+    (a :class:`KVCache`, or a row of a batched cache), statistics and
+    drafting policy.
+
+    A pass goes ``plan()`` -> the engine runs ``plan.p`` (alone or batched
+    with other sequences' passes) -> ``select()`` -> ``apply()``, which
+    commits tokens, trims and evicts; committed tokens wait in
+    :meth:`take_events`.
+    """
+
+    def __init__(self, engine: Engine, cache, prompt: List[int], max_tokens: int):
+        self.engine = engine
+        self.cache = cache
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.policy = engine.new_policy()
+        self.committed = 0
+        self.state: Optional[_State] = None
+        self.uid = 0  # its id in a batch
+        self._compressed = False  # a compress pass ran since the last emitted token
+        self._events: List[TokenEvent] = []
+        # prompt + committed tokens, for the logits processors
+        self._history = mx.array(prompt, mx.int32) if engine.processors else None
+
+    # -- tokens --------------------------------------------------------------
+    def begin(self, anchor: int):
+        """The first token, chosen from the prompt's logits."""
+        P = len(self.prompt)
+        self.state = _State(anchor=anchor, position=P, step=StepState(self.cache.length, P),
+                            drafts=None if self.engine.schedule == "two-pass" else [])
+        self.commit([anchor])
+        self.emit(anchor)
+
+    def commit(self, tokens):
+        """Add committed tokens (ints, or a lazy token array) to the history
+        the logits processors see."""
+        if self._history is not None:
+            t = tokens if isinstance(tokens, mx.array) else mx.array(tokens, mx.int32)
+            self._history = mx.concatenate([self._history, t.reshape(-1).astype(mx.int32)])
+
+    def emit(self, token: int, from_draft: bool = False):
+        self.committed += 1
+        self.stats.generated_tokens += 1
+        self._events.append(TokenEvent(int(token), from_draft, self._compressed, self.cache.length,
+                                       self.stats.forward_passes))
+        self._compressed = False
+
+    def take_events(self) -> List[TokenEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def select(self, logits: mx.array, plan: Optional[Plan] = None) -> mx.array:
+        """Tokens for logits rows ``(R, V)`` (lazily). Without processors
+        only the sampler matters; with them, rows of group ``j`` see the
+        committed history followed by ``plan.prefixes[j]``."""
+        e = self.engine
+        if not e.processors:
+            return select(logits, e.sampler)
+        if plan is None or plan.groups is None:
+            return select(logits, e.sampler, e.processors, [self._history])
+        histories = [mx.concatenate([self._history, mx.array(x, mx.int32)]) for x in plan.prefixes]
+        return select(logits, e.sampler, e.processors, histories, plan.groups)
+
+    # -- passes --------------------------------------------------------------
+    def done(self) -> Optional[str]:
+        """Why generation ends before the next pass (``"stop"``,
+        ``"length"``), or None."""
+        s, e = self.state, self.engine
+        if s.anchor in e.stop_ids:
+            return "stop"
+        if self.committed >= self.max_tokens or (e.max_position is not None and s.position + 1 >= e.max_position):
+            return "length"
+        return None
+
+    def must_compress(self) -> bool:
+        return self.engine.compress and self.state.anchor == self.engine.splitter
 
     def _choice(self):
         """``(draft length, foresight layout)`` for the next pass."""
         if self.policy is None:
-            return self.draft_len, self.foresight_sets
+            return self.engine.draft_len, self.engine.foresight_sets
         return self.policy.choose()
 
-    def _compress(self, s: "_State", g: int):
-        """The compress pass: ends the step whose splitter is the anchor."""
-        start_len = self.cache.length
-        p = self.builder.compress(s.step, start_len, draft_len=g)
+    def plan(self, drafting: bool = True) -> Plan:
+        """The next pass (call only when :meth:`done` is None); without
+        ``drafting`` the policy is not asked and nothing is drafted."""
+        e, s = self.engine, self.state
+        g, layout = self._choice() if drafting else (0, "last")
+        if self.must_compress():
+            p = e.builder.compress(s.step, self.cache.length, draft_len=g)
+            rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
+            return Plan("compress", p, rows, g=g)
+        if not g:
+            if s.drafts is not None:
+                s.drafts = []
+            p = e.builder.decode(s.anchor, s.position, self.cache.length)
+            return Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:1]])
+        if e.schedule == "two-pass":
+            if s.drafts is None:
+                p = e.builder.decode(s.anchor, s.position, self.cache.length, (), e.draft_len)
+                return Plan("accelerate", p, np.concatenate([p.exact_rows] + p.foresight_rows), g=e.draft_len)
+            g = 0
+        # one pass over [a, d_1..d_k] plus, when g > 0, a foresight set of g
+        # tokens after every prefix (or after the whole block only): verifies
+        # the drafts and drafts the next block
+        drafts = s.drafts[: max(0, self.max_tokens - self.committed - 1)]
+        k = len(drafts)
+        p = e.builder.decode(s.anchor, s.position, self.cache.length, drafts, g,
+                             [k] if layout == "last" else None)
         rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
-        logits = self._run(p, rows)
+        # row i of the verified block follows the anchor and drafts[:i]; a
+        # foresight set follows the prefix it was placed after
+        groups = list(range(k + 1)) + [j for j in p.foresight_prefixes for _ in range(g)]
+        kind = "verify" if e.schedule == "two-pass" else "fused"
+        return Plan(kind, p, rows, drafts, g, groups, [p.tokens[: i + 1] for i in range(k + 1)])
+
+    def apply(self, plan: Plan, tokens: List[int]):
+        """Take the pass's tokens: commit, trim the cache, evict."""
         self.stats.forward_passes += 1
+        if plan.kind == "compress":
+            self._apply_compress(plan, tokens)
+        elif plan.kind == "accelerate":
+            s = self.state
+            self.cache.trim(plan.g)
+            s.anchor, s.position, s.drafts = int(tokens[0]), s.position + 1, [int(t) for t in tokens[1:]]
+            self.commit([s.anchor])
+            self.emit(s.anchor)
+        else:
+            none = self.state.drafts is None
+            self._apply_verify(plan, tokens)
+            if plan.kind == "verify" or none:
+                self.state.drafts = None
+
+    def _apply_compress(self, plan: Plan, tokens: List[int]):
+        """The compress pass ended the step whose splitter was the anchor."""
+        s, p = self.state, plan.p
         self.stats.compress_events += 1
-        tokens = self._select(logits).tolist()
+        start_len = self.cache.length - len(p)
         self.cache.trim(len(p) - p.keep)
         self.cache.evict(*p.evict)
         L = start_len - s.step.start_slot + 1
@@ -375,28 +612,18 @@ class Engine:
         s.anchor = int(tokens[0])
         s.position = begin
         s.drafts = [int(t) for t in tokens[1:]]
-        self._commit([s.anchor])
+        self.commit([s.anchor])
+        self._compressed = True
+        self.emit(s.anchor)
 
     def _acceptable(self, draft: int) -> bool:
-        return draft not in self.stop_ids and not (self.compress and draft == self.splitter)
+        e = self.engine
+        return draft not in e.stop_ids and not (e.compress and draft == e.splitter)
 
-    def _fused(self, s: "_State", budget: int, g: int, layout: str = "all"):
-        """One pass over ``[a, d_1..d_k]`` plus, when ``g > 0``, a foresight set
-        of ``g`` tokens after every prefix: verifies the drafts and drafts the
-        next block. With ``g == 0`` it is the reference's verification pass (or
-        plain decoding when there are no drafts)."""
-        drafts = s.drafts[: max(0, budget - 1)]
-        k = len(drafts)
-        prefixes = [k] if layout == "last" else None
-        p = self.builder.decode(s.anchor, s.position, self.cache.length, drafts, g, prefixes)
-        rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
-        logits = self._run(p, rows)
-        self.stats.forward_passes += 1
+    def _apply_verify(self, plan: Plan, tokens: List[int]):
+        s, p, drafts = self.state, plan.p, plan.drafts
+        k, g = len(drafts), plan.g
         self.stats.drafted_tokens += k
-        # row i of the verified block follows the anchor and drafts[:i]; a
-        # foresight set follows the prefix it was placed after
-        groups = list(range(k + 1)) + [j for j in p.foresight_prefixes for _ in range(g)]
-        tokens = self._select(logits, [p.tokens[: i + 1] for i in range(k + 1)], groups).tolist()
         right = 0
         while right < k and drafts[right] == tokens[right]:
             right += 1
@@ -414,28 +641,19 @@ class Engine:
         if n in p.foresight_prefixes:
             start = k + 1 + p.foresight_prefixes.index(n) * g
             s.drafts = [int(t) for t in tokens[start : start + g]]
-        self._commit(accepted + [s.anchor])
-        return accepted, [s.anchor]
+        self.commit(accepted + [s.anchor])
+        for t in accepted:
+            self.emit(t, from_draft=True)
+        self.emit(s.anchor)
 
-    def _two_pass(self, s: "_State", budget: int):
-        """The reference's schedule: an accelerate pass ``[a, R x g]`` commits
-        the next token and drafts after it; the following iteration verifies
-        ``[d_0 .. d_g]`` in a pass of its own. After a compress pass the drafts
-        come from the compress pass and verification follows directly."""
-        if s.drafts is None:
-            p = self.builder.decode(s.anchor, s.position, self.cache.length, (), self.draft_len)
-            logits = self._run(p, np.concatenate([p.exact_rows] + p.foresight_rows))
-            self.stats.forward_passes += 1
-            tokens = self._select(logits).tolist()
-            self.cache.trim(self.draft_len)
-            s.anchor = int(tokens[0])
-            s.position += 1
-            s.drafts = [int(t) for t in tokens[1:]]
-            self._commit([s.anchor])
-            return [], [s.anchor]
-        accepted, new = self._fused(s, budget, 0)
-        s.drafts = None
-        return accepted, new
+    def finish(self):
+        """Final statistics."""
+        st = self.stats
+        if self.policy is not None:
+            st.draft_policy = self.policy.summary()
+        st.final_kv_tokens = self.cache.length
+        st.plain_kv_tokens = st.prompt_tokens + st.generated_tokens
+        st.peak_memory_gb = mx.get_peak_memory() / 1e9
 
 
 @dataclass

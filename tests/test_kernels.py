@@ -293,6 +293,33 @@ def test_engine_output_is_unchanged_by_the_kernels(launch, monkeypatch):
     assert not kernels._failed
 
 
+def test_batched_engine_through_the_kernel(launch, monkeypatch):
+    """Batched passes give the attention kernel per-row (ragged) compact
+    masks over rows of different lengths, compress blocks beside drafted
+    ones: each sequence still commits its own tokens."""
+    from collections import Counter
+
+    from mlx_memosight.engine import BatchEngine, Engine
+
+    model, cfg, prompt, _, seed = _engine_case()
+    prompts = [prompt, prompt[:2], prompt + prompt[:5], prompt[3:], prompt * 3]
+    expected = [[ev.token for ev in Engine(model, cfg, draft_len=2).generate(p, 40)] for p in prompts]
+    used = Counter()
+
+    def counting(kernel, **kw):
+        used[kernel.name] += 1
+        if kernel.name == "memosight_attention":
+            used["batched"] += kw["inputs"][0].shape[0] > 1
+        return launch(kernel, **kw)
+
+    monkeypatch.setattr(kernels, "kernels_available", lambda: True)
+    monkeypatch.setattr(kernels, "metal_launch", counting)
+    monkeypatch.setattr(kernels, "_failed", set())
+    monkeypatch.setattr(kernels, "_checked", set())
+    assert BatchEngine(model, cfg, draft_len=2).generate_all(prompts, 40) == expected, f"seed {seed}"
+    assert used["batched"] > 0 and not kernels._failed
+
+
 @pytest.mark.parametrize("broken", ["attention", "compaction"])
 def test_wrong_kernel_is_caught_by_its_self_check(emulator, monkeypatch, broken):
     """A kernel that runs but computes the wrong thing (as a compiler or MLX

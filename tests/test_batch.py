@@ -1,0 +1,211 @@
+"""Batched decoding: every sequence of a batch commits exactly the tokens it
+commits alone, whatever the batch size, the moment it joins and what the
+other rows do in the same pass."""
+
+from collections import defaultdict
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_memosight import load
+from mlx_memosight.cache import BatchKVCache, KVCache
+from mlx_memosight.engine import BatchEngine, Engine
+from mlx_memosight.sampling import make_repetition_penalty
+
+MAX_TOKENS = 90
+
+
+@pytest.fixture(scope="module")
+def loaded(reasoner):
+    path, task = reasoner
+    model, tokenizer = load(path)
+    return task, model, model.memosight_config
+
+
+def sixteen_prompts(task, seed=5):
+    """16 prompts of 2 to 12 tokens (different lengths, different answers)."""
+    rng = np.random.default_rng(seed)
+    return [task.prompt(rng, n=2 + i % 11) for i in range(16)]
+
+
+def budgets(n):
+    """Different token budgets: some sequences end by length, others by EOS."""
+    return [MAX_TOKENS - 7 * (i % 4) for i in range(n)]
+
+
+def alone(model, cfg, prompts, max_tokens, **kw):
+    return [[ev.token for ev in Engine(model, cfg, **kw).generate(p, m)] for p, m in zip(prompts, max_tokens)]
+
+
+def continuous(engine, prompts, max_tokens, batch_size):
+    """Decode with at most ``batch_size`` sequences in the batch; a waiting
+    prompt joins as soon as a sequence leaves. Returns each prompt's tokens
+    and, per iteration, what each row did."""
+    waiting = list(range(len(prompts)))
+    uid_of, tokens, log = {}, defaultdict(list), []
+    while waiting or len(engine):
+        while waiting and len(engine) < batch_size:
+            i = waiting.pop(0)
+            uid_of[engine.add(prompts[i], max_tokens[i])] = i
+        it = {}
+        for r in engine.step():
+            i = uid_of[r.uid]
+            tokens[i] += [e.token for e in r.events]
+            it[i] = dict(compress=any(e.compress_event for e in r.events),
+                         drafted=sum(e.from_draft for e in r.events), finished=r.finished)
+        log.append(it)
+    return [tokens[i] for i in range(len(prompts))], log
+
+
+CONFIGS = {
+    "memosight": dict(),
+    "draft-3-all": dict(draft_len=3, foresight_sets="all"),
+    "draft-2-last": dict(draft_len=2, foresight_sets="last"),
+    "no-foresight": dict(foresight=False),
+    "two-pass": dict(draft_len=3, schedule="two-pass"),
+    "plain": dict(foresight=False, compress=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_equals_alone(loaded, name):
+    task, model, cfg = loaded
+    kw = CONFIGS[name]
+    prompts = sixteen_prompts(task)
+    max_tokens = budgets(len(prompts))
+    expected = alone(model, cfg, prompts, max_tokens, **kw)
+    for bs in (1, 4, 16):
+        got, log = continuous(BatchEngine(model, cfg, **kw), prompts, max_tokens, bs)
+        assert got == expected, (name, bs)
+        assert max(len(it) for it in log) == bs
+    if kw.get("compress", True):
+        # rows compress in different iterations, and while one row compresses
+        # another accepts drafts in the same pass
+        _, log = continuous(BatchEngine(model, cfg, **kw), prompts, max_tokens, 16)
+        compressing = [sorted(i for i, r in it.items() if r["compress"]) for it in log]
+        assert len({tuple(c) for c in compressing if c}) > 3
+        if kw.get("foresight", True):
+            assert any(c and any(r["drafted"] for i, r in it.items() if i not in c)
+                       for c, it in zip(compressing, log))
+
+
+def test_sequences_join_mid_way_and_leave_at_once(loaded):
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=9)
+    max_tokens = budgets(len(prompts))
+    expected = alone(model, cfg, prompts, max_tokens, draft_len=3)
+    engine = BatchEngine(model, cfg, draft_len=3)
+    uid_of, tokens, sizes = {}, defaultdict(list), []
+    step = 0
+    while len(uid_of) < len(prompts) or len(engine):
+        # one new prompt every third iteration
+        if step % 3 == 0 and len(uid_of) < len(prompts):
+            i = len(uid_of)
+            uid_of[engine.add(prompts[i], max_tokens[i])] = i
+        for r in engine.step():
+            tokens[uid_of[r.uid]] += [e.token for e in r.events]
+            if r.finished:
+                assert r.uid not in [s.uid for s in engine.sequences]
+                assert r.stats.finish_reason in ("stop", "length")
+                assert r.stats.generated_tokens == len(tokens[uid_of[r.uid]])
+        sizes.append(len(engine))
+        step += 1
+    assert [tokens[i] for i in range(len(prompts))] == expected
+    assert engine.batch.batch_size == 0 and all(c.keys is None for c in engine.batch.layers)
+    assert max(sizes) > 4  # sequences overlapped
+
+
+def test_cancel_drops_the_row_and_the_others_go_on(loaded):
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task)[:4]
+    expected = alone(model, cfg, prompts, [MAX_TOKENS] * 4)
+    engine = BatchEngine(model, cfg)
+    uids = [engine.add(p, MAX_TOKENS) for p in prompts]
+    tokens = defaultdict(list)
+    for _ in range(3):
+        for r in engine.step():
+            tokens[r.uid] += [e.token for e in r.events]
+    left = len(engine)
+    victim = engine.sequences[1].uid
+    engine.cancel(victim)
+    assert len(engine) == left - 1 and victim not in [s.uid for s in engine.sequences]
+    while len(engine):
+        for r in engine.step():
+            tokens[r.uid] += [e.token for e in r.events]
+    for uid, want in zip(uids, expected):
+        if uid == victim:
+            assert 0 < len(tokens[uid]) < len(want) and tokens[uid] == want[: len(tokens[uid])]
+        else:
+            assert tokens[uid] == want
+
+
+def test_repetition_penalty_per_row(loaded):
+    """Each row's logits processors see that row's own history."""
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=3)[:6]
+    kw = dict(draft_len=2, logits_processors=[make_repetition_penalty(1.3)])
+    expected = alone(model, cfg, prompts, [60] * 6, **kw)
+    got, _ = continuous(BatchEngine(model, cfg, **kw), prompts, [60] * 6, 6)
+    assert got == expected
+
+
+def test_batch_stats_match_alone(loaded):
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task)[:5]
+    engine = BatchEngine(model, cfg, draft_len=3, foresight_sets="all")
+    uids = [engine.add(p, MAX_TOKENS) for p in prompts]
+    stats = {}
+    while len(engine):
+        for r in engine.step():
+            if r.finished:
+                stats[r.uid] = r.stats
+    for uid, p in zip(uids, prompts):
+        e = Engine(model, cfg, draft_len=3, foresight_sets="all")
+        list(e.generate(p, MAX_TOKENS))
+        a, b = e.stats, stats[uid]
+        for field in ("generated_tokens", "forward_passes", "drafted_tokens", "accepted_draft_tokens",
+                      "compress_events", "peak_kv_tokens", "final_kv_tokens", "plain_kv_tokens",
+                      "finish_reason"):
+            assert getattr(a, field) == getattr(b, field), field
+
+
+def test_batch_cache_rows_keep_their_own_entries():
+    """Rows of different lengths: a pass writes each row's block at its own
+    length, a row's eviction moves only its own tail, and removing a row
+    keeps the others' entries."""
+    rng = np.random.default_rng(0)
+    H, D = 2, 4
+
+    def filled(n):
+        c = KVCache(2)
+        for layer in c.layers:
+            k = mx.array(rng.standard_normal((1, H, n, D)).astype(np.float32))
+            layer.update_and_fetch(k, k + 1)
+        return c
+
+    singles = [filled(n) for n in (5, 300, 17)]
+    batch = BatchKVCache(2)
+    rows = [batch.add(c) for c in singles]
+    assert batch.lengths == [5, 300, 17]
+
+    def row_entries(b):
+        return [np.array(x[b, :, : rows[b].length]) for c in batch.layers for x in (c.keys, c.values)]
+
+    def single_entries(c):
+        return [np.array(x[0, :, : c.length]) for layer in c.layers for x in (layer.keys, layer.values)]
+
+    for b, c in enumerate(singles):
+        assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
+    rows[1].evict(10, 250)
+    singles[1].evict(10, 250)
+    rows[2].trim(3)
+    singles[2].trim(3)
+    for b, c in enumerate(singles):
+        assert rows[b].length == c.length
+        assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
+    batch.remove(rows[1])
+    rows.pop(1)
+    singles.pop(1)
+    for b, c in enumerate(singles):
+        assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
