@@ -343,12 +343,15 @@ class BatchEngine(Engine):
     sequence.
     """
 
+    min_chunk = 4  # the narrowest chunk of a compress block
+
     def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
         super().__init__(model, cfg, **options)
         self.batch = BatchKVCache(len(model.layers))
         self.sequences: List["Decoding"] = []  # in the batch's row order
         self._next_uid = 0
         self._started: dict = {}  # uid -> time of the first token
+        self._pending: dict = {}  # uid -> (compress plan, tokens of it fed so far)
 
     def __len__(self):
         return len(self.sequences)
@@ -372,6 +375,7 @@ class BatchEngine(Engine):
                 return
 
     def _retire(self, seq: "Decoding", reason: str):
+        self._pending.pop(seq.uid, None)
         seq.stats.finish_reason = reason
         seq.stats.generation_time = time.perf_counter() - self._started.pop(seq.uid)
         seq.finish()
@@ -381,33 +385,58 @@ class BatchEngine(Engine):
     def step(self) -> List[BatchResult]:
         """One iteration: a pass for every sequence that goes on; returns
         each sequence's new tokens, and the sequences that finished (they
-        have left the batch)."""
-        out = {}
-        planned = []
+        have left the batch).
+
+        A compress block (memory tokens, ``<|continue|>``) whose logits are
+        read only at its end is fed in chunks no wider than the other rows'
+        blocks (at least :attr:`min_chunk` tokens), over several iterations,
+        instead of widening every row's block to its length."""
+        out, active = {}, []
         for seq in list(self.sequences):
             out[seq.uid] = BatchResult(seq.uid, seq.take_events(), seq.stats)
-            reason = seq.done()
+            reason = None if seq.uid in self._pending else seq.done()
             if reason:
                 self._retire(seq, reason)
                 out[seq.uid].finished = True
             else:
-                planned.append((seq, seq.plan()))
-        if planned:
-            tokens = self._run_batch(planned)
-            now = time.perf_counter()
-            for (seq, plan), toks in zip(planned, tokens):
+                active.append(seq)
+        if not active:
+            return list(out.values())
+        compressing = any(seq.uid in self._pending or seq.must_compress() for seq in active)
+        free = self.min_chunk if compressing else 1
+        plans = []
+        for seq in active:
+            plans.append(self._pending.pop(seq.uid) if seq.uid in self._pending
+                         else (seq.plan(rows=len(active), free=free), 0))
+        widths = [len(plan.p) for plan, _ in plans if plan.kind != "compress"]
+        width = max(widths + [self.min_chunk]) if widths else max(len(p.p) - fed for p, fed in plans)
+        feeds = []
+        for seq, (plan, fed) in zip(active, plans):
+            end = len(plan.p)
+            if plan.kind == "compress" and end - fed > width and fed < int(plan.rows[0]):
+                end = min(fed + width, int(plan.rows[0]))  # logits are read from rows[0] on
+            feeds.append((seq, plan, fed, end))
+        tokens = self._run_batch(feeds)
+        now = time.perf_counter()
+        for (seq, plan, fed, end), toks in zip(feeds, tokens):
+            if end < len(plan.p):
+                self._pending[seq.uid] = (plan, end)
+                seq.stats.forward_passes += 1
+            else:
                 seq.apply(plan, toks)
                 out[seq.uid].events += seq.take_events()
-                seq.stats.generation_time = now - self._started[seq.uid]
+            seq.stats.generation_time = now - self._started[seq.uid]
         return list(out.values())
 
-    def _run_batch(self, planned) -> List[List[int]]:
-        """One pass for every sequence (rows in the batch's order); each
-        row's selected tokens."""
-        B = len(planned)
-        N = max(len(plan.p) for _, plan in planned)
-        R = max(len(plan.rows) for _, plan in planned)
-        starts = [seq.cache.length for seq, _ in planned]
+    def _run_batch(self, feeds) -> List[Optional[List[int]]]:
+        """One pass in which row ``b`` feeds tokens ``[fed, end)`` of its
+        plan's block (rows in the batch's order); the selected tokens of
+        each row whose block ends in this pass (None for the others)."""
+        B = len(feeds)
+        N = max(end - fed for _, _, fed, end in feeds)
+        final = [end == len(plan.p) for _, plan, _, end in feeds]
+        R = max([len(plan.rows) for (_, plan, _, _), f in zip(feeds, final) if f] + [1])
+        starts = [seq.cache.length for seq, _, _, _ in feeds]
         K = max(starts) + N
         tokens = np.zeros((B, N), np.int32)
         positions = np.zeros((B, N), np.int32)
@@ -415,19 +444,20 @@ class BatchEngine(Engine):
         q_limit = np.zeros((B, N), np.int32)
         until = np.full((B, K), NEVER, np.int32)
         rows = np.zeros((B, R), np.int32)
-        for b, ((seq, plan), start) in enumerate(zip(planned, starts)):
-            p, n = plan.p, len(plan.p)
-            tokens[b, :n], tokens[b, n:] = p.tokens, p.tokens[-1]
-            positions[b, :n], positions[b, n:] = p.positions, p.positions[-1]
+        for b, ((seq, plan, fed, end), start) in enumerate(zip(feeds, starts)):
+            p, n = plan.p, end - fed
+            tokens[b, :n], tokens[b, n:] = p.tokens[fed:end], p.tokens[end - 1]
+            positions[b, :n], positions[b, n:] = p.positions[fed:end], p.positions[end - 1]
             # a padding query sees the keys before it: harmless, and never read
             pad = np.arange(start + n, start + N, dtype=np.int32)
-            q_slot[b, :n], q_slot[b, n:] = p.rule.query_slot, pad
-            q_limit[b, :n], q_limit[b, n:] = p.rule.query_limit, pad + 1
-            until[b, : start + n] = p.rule.key_visible_until
-            rows[b, : len(plan.rows)] = plan.rows
+            q_slot[b, :n], q_slot[b, n:] = p.rule.query_slot[fed:end], pad
+            q_limit[b, :n], q_limit[b, n:] = p.rule.query_limit[fed:end], pad + 1
+            until[b, : start + n] = p.rule.key_visible_until[: start + n]
+            if final[b]:
+                rows[b, : len(plan.rows)] = plan.rows - fed
             seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, start + n)
         mask = CompactMask(mx.array(q_slot), mx.array(q_limit), mx.array(until))
-        self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, [len(plan.p) for _, plan in planned])
+        self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, [end - fed for _, _, fed, end in feeds])
         h = forward(self.model, mx.array(tokens), None, cache=self.batch, hidden=True)
         h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
         logits = lm_head(self.model, h)
@@ -435,11 +465,12 @@ class BatchEngine(Engine):
             chosen = mx.argmax(logits, axis=-1)
         else:
             chosen = mx.stack([
-                mx.pad(seq.select(logits[b, : len(plan.rows)], plan), [(0, R - len(plan.rows))])
-                for b, (seq, plan) in enumerate(planned)
+                mx.pad(seq.select(logits[b, : len(plan.rows)], plan), [(0, R - len(plan.rows))]) if final[b]
+                else mx.zeros((R,), mx.uint32)
+                for b, (seq, plan, _, _) in enumerate(feeds)
             ])
         chosen = chosen.tolist()
-        return [row[: len(plan.rows)] for row, (_, plan) in zip(chosen, planned)]
+        return [row[: len(plan.rows)] if f else None for row, (_, plan, _, _), f in zip(chosen, feeds, final)]
 
     def generate_all(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
         """Decode every prompt in one batch; each sequence's tokens."""
@@ -543,17 +574,19 @@ class Decoding:
     def must_compress(self) -> bool:
         return self.engine.compress and self.state.anchor == self.engine.splitter
 
-    def _choice(self):
+    def _choice(self, rows: int = 1, free: int = 1):
         """``(draft length, foresight layout)`` for the next pass."""
         if self.policy is None:
             return self.engine.draft_len, self.engine.foresight_sets
-        return self.policy.choose()
+        return self.policy.choose(rows, free)
 
-    def plan(self, drafting: bool = True) -> Plan:
+    def plan(self, drafting: bool = True, rows: int = 1, free: int = 1) -> Plan:
         """The next pass (call only when :meth:`done` is None); without
-        ``drafting`` the policy is not asked and nothing is drafted."""
+        ``drafting`` the policy is not asked and nothing is drafted. In a
+        batch of ``rows`` sequences whose pass is at least ``free`` tokens
+        wide, the policy weighs drafting at the batch's costs."""
         e, s = self.engine, self.state
-        g, layout = self._choice() if drafting else (0, "last")
+        g, layout = self._choice(rows, free) if drafting else (0, "last")
         if self.must_compress():
             p = e.builder.compress(s.step, self.cache.length, draft_len=g)
             rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows

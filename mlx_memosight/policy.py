@@ -86,6 +86,11 @@ class PassCost:
     def __call__(self, k: int) -> float:
         return 1.0 + self.per_token * (k - 1)
 
+    def in_batch(self, rows: int, free: int = 1) -> "BatchPassCost":
+        """What one row's tokens cost in a pass over ``rows`` rows padded to
+        a common width of at least ``free`` tokens (see :class:`BatchPassCost`)."""
+        return BatchPassCost(self, rows, free)
+
     @classmethod
     def for_model(cls, model) -> "PassCost":
         """The cost measured for this model on this machine (kept in the
@@ -98,6 +103,26 @@ class PassCost:
         if parameter_count(model) <= MEASURE_UP_TO:
             return calibrate(model)
         return cls(DEFAULT_PER_TOKEN[_backend()], f"default for {describe()}")
+
+
+@dataclass(frozen=True)
+class BatchPassCost:
+    """One row's view of a batched pass: rows are padded to the widest, so
+    widening one row by a token costs ``rows`` tokens, measured against a
+    one-token pass of all rows (``1 + per_token * (rows - 1)``); the first
+    ``free`` tokens of width are paid anyway (another row needs them)."""
+
+    base: PassCost
+    rows: int
+    free: int = 1
+
+    @property
+    def per_token(self) -> float:
+        p, b = self.base.per_token, self.rows
+        return b * p / (1.0 + p * (b - 1))
+
+    def __call__(self, k: int) -> float:
+        return 1.0 + self.per_token * (max(k, self.free) - 1)
 
 
 def _valid(per_token) -> bool:
@@ -203,11 +228,14 @@ class DraftPolicy:
             out.append((self.right[i] + prior * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT))
         return out
 
-    def choose(self) -> Tuple[int, str]:
+    def choose(self, rows: int = 1, free: int = 1) -> Tuple[int, str]:
+        """The choice for the next pass; ``rows`` and ``free`` describe a
+        batched pass (:meth:`PassCost.in_batch`)."""
         q = self.acceptance()
         lengths = [self.draft_len] if self.draft_len is not None else range(self.max_draft + 1)
         layouts = [self.layout] if self.layout is not None else LAYOUTS
-        best = min(((time_per_token(self.cost, q, g, lay), g, lay) for g in lengths for lay in layouts),
+        cost = self.cost if rows == 1 and free <= 1 else self.cost.in_batch(rows, free)
+        best = min(((time_per_token(cost, q, g, lay), g, lay) for g in lengths for lay in layouts),
                    key=lambda x: (round(x[0], 9), x[1], LAYOUTS.index(x[2])))
         _, g, lay = best
         if 0 < g < self.max_draft and self.draft_len is None:

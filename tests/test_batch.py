@@ -164,10 +164,12 @@ def test_batch_stats_match_alone(loaded):
         e = Engine(model, cfg, draft_len=3, foresight_sets="all")
         list(e.generate(p, MAX_TOKENS))
         a, b = e.stats, stats[uid]
-        for field in ("generated_tokens", "forward_passes", "drafted_tokens", "accepted_draft_tokens",
-                      "compress_events", "peak_kv_tokens", "final_kv_tokens", "plain_kv_tokens",
-                      "finish_reason"):
+        for field in ("generated_tokens", "drafted_tokens", "accepted_draft_tokens", "compress_events",
+                      "final_kv_tokens", "plain_kv_tokens", "finish_reason"):
             assert getattr(a, field) == getattr(b, field), field
+        # a compress block may be fed in chunks over several passes
+        assert a.forward_passes <= b.forward_passes <= a.forward_passes + a.compress_events * 3
+        assert a.peak_kv_tokens == b.peak_kv_tokens
 
 
 def test_batch_cache_rows_keep_their_own_entries():
@@ -209,3 +211,25 @@ def test_batch_cache_rows_keep_their_own_entries():
     singles.pop(1)
     for b, c in enumerate(singles):
         assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
+
+
+@pytest.mark.parametrize("min_chunk", [1, 2])
+def test_compress_blocks_fed_in_chunks(loaded, min_chunk):
+    """Beside one-token rows, a compress block goes in chunks of
+    ``min_chunk`` tokens over several passes; the tokens do not change."""
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=2)[:6]
+    expected = alone(model, cfg, prompts, [MAX_TOKENS] * 6, foresight=False)
+    engine = BatchEngine(model, cfg, foresight=False)
+    engine.min_chunk = min_chunk
+    chunked = 0
+
+    def spy(feeds):
+        nonlocal chunked
+        chunked += sum(end < len(plan.p) for _, plan, _, end in feeds)
+        return run(feeds)
+
+    run, engine._run_batch = engine._run_batch, spy
+    got, _ = continuous(engine, prompts, [MAX_TOKENS] * 6, 6)
+    assert got == expected
+    assert chunked > 0
