@@ -276,6 +276,176 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     return rows
 
 
+# Bytes of one KV entry at the Qwen2.5-1.5B-Instruct shape (published
+# config.json, kept in convert/shapes.json): keys and values, 28 layers, 2 KV
+# heads of dimension 128, bfloat16.
+QWEN_1_5B_ENTRY_BYTES = 2 * 28 * 2 * 128 * 2
+KV_BUDGET_BYTES = 64 * 2**20
+
+
+@dataclass
+class BatchRun:
+    """One configuration at one batch size over all prompts."""
+
+    config: str
+    batch_size: int
+    tokens: List[List[int]]
+    seconds: float
+    peak_kv: int  # entries of every sequence in the batch together, at the fullest
+    seq_peak_kv: List[int]  # per sequence, its own largest cache
+    passes: int = 0
+    correct: List[Optional[bool]] = field(default_factory=list)
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tps(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
+
+    def fits(self, budget: int = KV_BUDGET_BYTES, entry_bytes: int = QWEN_1_5B_ENTRY_BYTES) -> int:
+        """Sequences of this run's mean largest cache that fit in the budget."""
+        return int(budget // (entry_bytes * statistics.mean(self.seq_peak_kv)))
+
+
+def run_mlx_lm_batched(model, prompts, max_tokens, stop_ids, batch_size) -> BatchRun:
+    """Plain greedy decoding with mlx-lm's continuous batching
+    (``BatchGenerator``, as ``batch_generate`` and ``mlx_lm.server`` use it)."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(stop_ids)], max_tokens=max_tokens,
+                         completion_batch_size=batch_size, prefill_batch_size=batch_size)
+    tic = time.perf_counter()
+    uids = gen.insert([list(p) for p in prompts], [max_tokens] * len(prompts))
+    index = {u: i for i, u in enumerate(uids)}
+    tokens = [[] for _ in prompts]
+    active, peak, steps = set(), 0, 0
+    try:
+        while responses := gen.next_generated():
+            steps += 1
+            for r in responses:
+                i = index[r.uid]
+                tokens[i].append(int(r.token))
+                active.add(i)
+                if r.finish_reason is not None:
+                    active.discard(i)
+            peak = max(peak, sum(len(prompts[i]) + len(tokens[i]) for i in active))
+    finally:
+        gen.close()
+    seconds = time.perf_counter() - tic
+    return BatchRun("mlx_lm", batch_size, tokens, seconds, peak,
+                    [len(p) + len(t) - 1 for p, t in zip(prompts, tokens)], steps)
+
+
+def run_engine_batched(model, tokenizer, prompts, max_tokens, batch_size, **kw) -> BatchRun:
+    """This engine's continuous batching: at most ``batch_size`` sequences
+    together, a waiting prompt joining as soon as one leaves."""
+    from .engine import BatchEngine
+    from .generation import stop_ids
+
+    engine = BatchEngine(model, model.memosight_config, stop_ids=stop_ids(tokenizer), **kw)
+    tic = time.perf_counter()
+    waiting = list(range(len(prompts)))
+    index, tokens, seq_peak = {}, [[] for _ in prompts], [0] * len(prompts)
+    peak = steps = 0
+    while waiting or len(engine):
+        while waiting and len(engine) < batch_size:
+            i = waiting.pop(0)
+            index[engine.add(prompts[i], max_tokens)] = i
+        for r in engine.step():
+            tokens[index[r.uid]] += [e.token for e in r.events]
+            if r.finished:
+                seq_peak[index[r.uid]] = r.stats.peak_kv_tokens
+        steps += 1
+        peak = max(peak, sum(engine.batch.lengths))
+    seconds = time.perf_counter() - tic
+    return BatchRun("memosight", batch_size, tokens, seconds, peak, seq_peak, steps)
+
+
+def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_path=None, system=None,
+                  raw_prompt=False, progress=True, **engine_options) -> List[BatchRun]:
+    """At each batch size, in one run: mlx-lm's continuous batching of the
+    plain model (``--plain-model``, else ``--model``) and this engine's
+    batched MemoSight decoding, over every prompt."""
+    from .generation import prompt_ids
+    from .loading import load
+    from .policy import calibrate
+    from .scoring import score
+
+    model, tokenizer = load(model_path)
+    cfg = model.memosight_config
+    lm_model, lm_tok = load(plain_model_path) if plain_model_path is not None else (model, tokenizer)
+    lm_cfg = lm_model.memosight_config
+    lm_stop = set(getattr(lm_tok, "eos_token_ids", None) or [])
+    if lm_cfg is not None:
+        lm_stop.add(lm_cfg.token_ids.eos)
+    texts = [item.get("prompt", item["question"]) for item in prompts]
+    ids = [prompt_ids(tokenizer, t, cfg, system, raw_prompt) for t in texts]
+    lm_ids = [prompt_ids(lm_tok, t, lm_cfg, system, raw_prompt) for t in texts]
+    if cfg is not None:
+        calibrate(model)
+    # warm both paths up (graph caches, first-use allocations)
+    run_mlx_lm_batched(lm_model, lm_ids[:2], 8, lm_stop, 2)
+    run_engine_batched(model, tokenizer, ids[:2], 8, 2, **engine_options)
+    runs = []
+    sizes = sorted(set(batch_sizes))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=2 * len(sizes), desc="bench", unit="run", file=sys.stderr)
+    for bs in sizes:
+        for name in ("mlx_lm", "memosight"):
+            if name == "mlx_lm":
+                r = run_mlx_lm_batched(lm_model, lm_ids, max_tokens, lm_stop, bs)
+                tok, c = lm_tok, lm_cfg
+            else:
+                r = run_engine_batched(model, tokenizer, ids, max_tokens, bs, **engine_options)
+                tok, c = tokenizer, cfg
+            r.correct = [score(decode_answer(tok, t, c), item) if "answer" in item else None
+                         for t, item in zip(r.tokens, prompts)]
+            runs.append(r)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    ours = [r for r in runs if r.config == "memosight"]
+    for r in ours[1:]:
+        for i, (a, b) in enumerate(zip(ours[0].tokens, r.tokens)):
+            if a != b:
+                raise BenchError(f"at batch size {r.batch_size} prompt {i} ({texts[i][:40]!r}) got other "
+                                 f"tokens than at batch size {ours[0].batch_size}")
+    return runs
+
+
+def format_batched(runs: List[BatchRun]) -> str:
+    """The batched table: per batch size, mlx_lm then memosight, with
+    throughput against mlx_lm at the same batch size and against the same
+    configuration at the smallest batch size."""
+    head = f"{'batch':>5}  {'config':<11}{'tokens':>8}{'tok/s':>9}{'vs mlx_lm':>11}{'vs smallest':>13}" \
+           f"{'peak KV':>9}{'KV vs mlx_lm':>14}{'fit 64 MB':>11}{'accuracy':>10}"
+    lines = [head, "-" * len(head)]
+    first = {}
+    for r in runs:
+        first.setdefault(r.config, r)
+    lm = {r.batch_size: r for r in runs if r.config == "mlx_lm"}
+    for r in runs:
+        base = lm[r.batch_size]
+        known = [c for c in r.correct if c is not None]
+        acc = f"{sum(known) / len(known):.1%}" if known else "-"
+        lines.append(
+            f"{r.batch_size:>5}  {r.config:<11}{r.generated:>8}{r.tps:>9.1f}{r.tps / base.tps:>10.2f}x"
+            f"{r.tps / first[r.config].tps:>12.2f}x{r.peak_kv:>9}{r.peak_kv / base.peak_kv:>13.2f}x"
+            f"{r.fits():>11}{acc:>10}"
+        )
+    lines.append(f"(vs smallest: against the same config at batch {runs[0].batch_size}; peak KV: entries of "
+                 "all sequences in the batch together at the fullest; fit 64 MB: sequences of the mean "
+                 "largest cache that fit in 64 MB of KV at the Qwen2.5-1.5B shape, "
+                 f"{QWEN_1_5B_ENTRY_BYTES:,} bytes an entry)")
+    return "\n".join(lines)
+
+
 def decode_answer(tokenizer, tokens, cfg) -> str:
     drop = {cfg.token_ids.splitter, cfg.token_ids.eos} if cfg is not None else set()
     return tokenizer.decode([t for t in tokens if t not in drop])
@@ -297,8 +467,38 @@ def build_parser():
     add_arguments(p, GenerationOptions, ("max_tokens", "draft_len", "foresight_sets"), max_tokens=256)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per prompt, the fastest kept (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, nargs="+", metavar="N",
+                   help="compare batched decoding instead: at each of these batch sizes, mlx-lm's continuous "
+                   "batching of the plain model against this engine's batched MemoSight decoding")
     p.add_argument("--out", help="folder for summary.json and the PNG plots")
     return p
+
+
+MAX_BATCH_SIZE = 256
+
+
+def _bench_batched(args, model_path, items, describe):
+    for n in args.batch_size:
+        if not 1 <= n <= MAX_BATCH_SIZE:
+            raise cli.UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {n}")
+    if args.repeats != 1:
+        raise cli.UsageError("--repeats applies to the per-prompt bench, not with --batch-size")
+    runs = bench_batched(model_path, items, args.batch_size, args.max_tokens, args.plain_model, args.system,
+                         args.raw_prompt, draft_len=args.draft_len, foresight_sets=args.foresight_sets)
+    print(f"device: {describe()}, {len(items)} prompts, max {args.max_tokens} tokens each")
+    print(format_batched(runs))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [dict(config=r.config, batch_size=r.batch_size, generated_tokens=r.generated,
+                     seconds=r.seconds, tokens_per_second=r.tps, peak_kv_tokens=r.peak_kv,
+                     mean_sequence_peak_kv_tokens=statistics.mean(r.seq_peak_kv), steps=r.passes,
+                     sequences_in_64mb_at_qwen2_5_1_5b=r.fits(),
+                     accuracy=(lambda k: sum(k) / len(k) if k else None)([c for c in r.correct if c is not None]))
+                for r in runs]
+        payload = dict(model=str(model_path), plain_model=args.plain_model, max_tokens=args.max_tokens,
+                       device=describe(), batched=rows)
+        (out / "summary_batched.json").write_text(json.dumps(payload, indent=2))
 
 
 def _bench(args):
@@ -319,6 +519,8 @@ def _bench(args):
     else:
         items = [dict(it, prompt=eval_prompt(it))
                  for it in load_items(args.data, limit=args.limit, require_answer=False)]
+    if args.batch_size:
+        return _bench_batched(args, model_path, items, describe)
     rows = bench(model_path, items, args.max_tokens, args.draft_len, args.plain_model,
                  args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
     summaries = [r.summary() for r in rows.values()]

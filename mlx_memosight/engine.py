@@ -210,10 +210,12 @@ class Engine:
         seq.stats.prefill_passes += 1
         return self._run(seq, self.builder.prefill(prompt[start:], start, cache.length), np.array([0]))
 
-    def start(self, prompt: Sequence[int], max_tokens: int,
-              prompt_cache: Optional[PromptCache] = None) -> "Decoding":
+    def start(self, prompt: Sequence[int], max_tokens: int, prompt_cache: Optional[PromptCache] = None,
+              **selection) -> "Decoding":
         """Check the prompt, prefill it into a cache of its own and choose
-        the first token: a :class:`Decoding` whose first event is pending."""
+        the first token: a :class:`Decoding` whose first event is pending.
+        ``selection``: the sequence's own ``sampler``, ``logits_processors``
+        and ``seed`` (see :class:`Decoding`)."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise GenerationError("the prompt is empty")
@@ -224,7 +226,8 @@ class Engine:
                 f"{self.max_position} (max_position_embeddings)"
             )
         reused, cache = (0, None) if prompt_cache is None else prompt_cache.fetch(prompt, len(self.model.layers))
-        seq = Decoding(self, cache if cache is not None else KVCache.for_model(self.model), prompt, max_tokens)
+        seq = Decoding(self, cache if cache is not None else KVCache.for_model(self.model), prompt, max_tokens,
+                       **selection)
         seq.stats.cached_prompt_tokens = reused
         tic = time.perf_counter()
         logits = self._prefill(seq, prompt, reused)
@@ -239,7 +242,7 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------
     def generate(self, prompt: Sequence[int], max_tokens: int,
-                 prompt_cache: Optional[PromptCache] = None) -> Iterator[TokenEvent]:
+                 prompt_cache: Optional[PromptCache] = None, **selection) -> Iterator[TokenEvent]:
         """Yield the committed tokens one by one.
 
         Args:
@@ -249,8 +252,10 @@ class Engine:
             prompt_cache: reuse the entries of a kept prompt that starts the
                 same way, and keep this prompt's (``stats.cached_prompt_tokens``
                 says how many were reused).
+            selection: this sequence's ``sampler``, ``logits_processors``
+                or ``seed`` instead of the engine's (see :class:`Decoding`).
         """
-        seq = self.start(prompt, max_tokens, prompt_cache)
+        seq = self.start(prompt, max_tokens, prompt_cache, **selection)
         self.cache, self.stats, self.policy = seq.cache, seq.stats, seq.policy
         tic = time.perf_counter()
         for event in self._loop(seq):
@@ -356,10 +361,13 @@ class BatchEngine(Engine):
     def __len__(self):
         return len(self.sequences)
 
-    def add(self, prompt: Sequence[int], max_tokens: int, prompt_cache: Optional[PromptCache] = None) -> int:
+    def add(self, prompt: Sequence[int], max_tokens: int, prompt_cache: Optional[PromptCache] = None,
+            **selection) -> int:
         """Prefill a prompt and add its sequence to the batch; returns its id.
-        Its first token comes with the next :meth:`step`."""
-        seq = self.start(prompt, max_tokens, prompt_cache)
+        Its first token comes with the next :meth:`step`. ``selection``: the
+        sequence's own ``sampler``, ``logits_processors`` and ``seed`` (by
+        default the engine's, and no seed)."""
+        seq = self.start(prompt, max_tokens, prompt_cache, **selection)
         seq.cache = self.batch.add(seq.cache)
         seq.uid = self._next_uid
         self._next_uid += 1
@@ -367,12 +375,14 @@ class BatchEngine(Engine):
         self._started[seq.uid] = time.perf_counter()
         return seq.uid
 
-    def cancel(self, uid: int):
-        """Drop a sequence now (its client left)."""
+    def cancel(self, uid: int) -> Optional[GenerationStats]:
+        """Drop a sequence now (its client left, or a stop string ended its
+        text); returns its statistics (None for an unknown id)."""
         for seq in self.sequences:
             if seq.uid == uid:
                 self._retire(seq, "cancelled")
-                return
+                return seq.stats
+        return None
 
     def _retire(self, seq: "Decoding", reason: str):
         self._pending.pop(seq.uid, None)
@@ -461,12 +471,11 @@ class BatchEngine(Engine):
         h = forward(self.model, mx.array(tokens), None, cache=self.batch, hidden=True)
         h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
         logits = lm_head(self.model, h)
-        if not self.processors and self.sampler is None:
-            chosen = mx.argmax(logits, axis=-1)
-        else:
+        chosen = mx.argmax(logits, axis=-1)
+        if not all(seq.greedy for seq, _, _, _ in feeds):
             chosen = mx.stack([
-                mx.pad(seq.select(logits[b, : len(plan.rows)], plan), [(0, R - len(plan.rows))]) if final[b]
-                else mx.zeros((R,), mx.uint32)
+                mx.pad(seq.select(logits[b, : len(plan.rows)], plan).astype(chosen.dtype),
+                       [(0, R - len(plan.rows))]) if final[b] and not seq.greedy else chosen[b]
                 for b, (seq, plan, _, _) in enumerate(feeds)
             ])
         chosen = chosen.tolist()
@@ -480,6 +489,9 @@ class BatchEngine(Engine):
             for r in self.step():
                 tokens[r.uid] += [e.token for e in r.events]
         return [tokens[u] for u in uids]
+
+
+ENGINE_DEFAULT = object()  # a sequence's sampler and processors: the engine's
 
 
 @dataclass
@@ -506,8 +518,13 @@ class Decoding:
     :meth:`take_events`.
     """
 
-    def __init__(self, engine: Engine, cache, prompt: List[int], max_tokens: int):
+    def __init__(self, engine: Engine, cache, prompt: List[int], max_tokens: int, *,
+                 sampler=ENGINE_DEFAULT, logits_processors=ENGINE_DEFAULT, seed: Optional[int] = None):
         self.engine = engine
+        self.sampler = engine.sampler if sampler is ENGINE_DEFAULT else sampler
+        self.processors = engine.processors if logits_processors is ENGINE_DEFAULT else list(logits_processors or ())
+        self.seed = seed
+        self._draws = 0  # selections made, which with a seed number the random draws
         self.cache = cache
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -519,7 +536,7 @@ class Decoding:
         self._compressed = False  # a compress pass ran since the last emitted token
         self._events: List[TokenEvent] = []
         # prompt + committed tokens, for the logits processors
-        self._history = mx.array(prompt, mx.int32) if engine.processors else None
+        self._history = mx.array(prompt, mx.int32) if self.processors else None
 
     # -- tokens --------------------------------------------------------------
     def begin(self, anchor: int):
@@ -548,17 +565,25 @@ class Decoding:
         out, self._events = self._events, []
         return out
 
+    @property
+    def greedy(self) -> bool:
+        return self.sampler is None and not self.processors
+
     def select(self, logits: mx.array, plan: Optional[Plan] = None) -> mx.array:
         """Tokens for logits rows ``(R, V)`` (lazily). Without processors
         only the sampler matters; with them, rows of group ``j`` see the
-        committed history followed by ``plan.prefixes[j]``."""
-        e = self.engine
-        if not e.processors:
-            return select(logits, e.sampler)
+        committed history followed by ``plan.prefixes[j]``. With a seed, the
+        n-th selection of the sequence samples from a random state of its own
+        (seed and n), whatever runs beside it."""
+        if self.seed is not None and self.sampler is not None:
+            mx.random.seed((self.seed * 1_000_003 + self._draws) % 2**32)
+        self._draws += 1
+        if not self.processors:
+            return select(logits, self.sampler)
         if plan is None or plan.groups is None:
-            return select(logits, e.sampler, e.processors, [self._history])
+            return select(logits, self.sampler, self.processors, [self._history])
         histories = [mx.concatenate([self._history, mx.array(x, mx.int32)]) for x in plan.prefixes]
-        return select(logits, e.sampler, e.processors, histories, plan.groups)
+        return select(logits, self.sampler, self.processors, histories, plan.groups)
 
     # -- passes --------------------------------------------------------------
     def done(self) -> Optional[str]:

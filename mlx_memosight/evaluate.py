@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from . import cli
 from .errors import EvaluateError
@@ -103,32 +103,73 @@ def evaluate_item(model, tokenizer, item: dict, settings: dict) -> dict:
         model, tokenizer, eval_prompt(item), options.max_tokens, system=settings["system"],
         logits_processors=options.logits_processors(special_ids(tokenizer)), **options.engine_options(),
     )
-    wall = time.perf_counter() - tic
-    st = result.stats.to_dict()
+    return make_record(item, result.text, result.stats, time.perf_counter() - tic, settings)
+
+
+def make_record(item: dict, text: str, stats, wall: float, settings: dict) -> dict:
+    """The result record of one item."""
+    st = stats.to_dict()
     return dict(
         id=item_id(item),
         subject=item.get("subject", ""),
         question=item["question"],
         answer=gold_answer(item),
-        prediction=extract_boxed(result.text),
-        correct=bool(score(result.text, item)),
+        prediction=extract_boxed(text),
+        correct=bool(score(text, item)),
         output_tokens=st["generated_tokens"],
         **{k: st[k] for k in RECORD_STATS},
         wall_time=round(wall, 4),
         generation_tps=round(st["generation_tps"], 2),
-        output=result.text,
+        output=text,
         settings=settings,
     )
 
 
-def summarize(records: List[dict]) -> dict:
-    """Totals and means over result records."""
+def evaluate_batched(model, tokenizer, items: List[dict], settings: dict, batch_size: int):
+    """Yield the record of every item, decoded ``batch_size`` at a time in
+    one batch (:class:`mlx_memosight.engine.BatchEngine`), in the order they
+    finish; each item's text is what :func:`evaluate_item` gives it."""
+    from .engine import BatchEngine
+    from .generation import TextStream, prompt_ids, special_ids, stop_ids
+
+    cfg = model.memosight_config
+    options = GenerationOptions(max_tokens=settings["max_tokens"], draft_len=settings["draft_len"],
+                                foresight=settings["foresight"], compress=settings["compress"],
+                                repetition_penalty=settings["repetition_penalty"])
+    engine = BatchEngine(model, cfg, stop_ids=stop_ids(tokenizer),
+                         logits_processors=options.logits_processors(special_ids(tokenizer)),
+                         **options.engine_options())
+    waiting = list(items)
+    running = {}  # uid -> (item, text stream, pieces, start time)
+    while waiting or running:
+        while waiting and len(running) < batch_size:
+            item = waiting.pop(0)
+            tic = time.perf_counter()
+            ids = prompt_ids(tokenizer, eval_prompt(item), cfg, settings["system"])
+            uid = engine.add(ids, options.max_tokens)
+            running[uid] = (item, TextStream(tokenizer, cfg, engine.stop_ids), [], tic)
+        for r in engine.step():
+            item, text, pieces, tic = running[r.uid]
+            for event in r.events:
+                out = text.feed(event, r.stats)
+                if out is not None:
+                    pieces.append(out.text)
+            if r.finished:
+                del running[r.uid]
+                last = text.finish(r.stats)
+                pieces.append(last.text if last is not None else "")
+                yield make_record(item, "".join(pieces), r.stats, time.perf_counter() - tic, settings)
+
+
+def summarize(records: List[dict], wall: Optional[float] = None) -> dict:
+    """Totals and means over result records; ``wall``: the time they took
+    together (items decoded in a batch overlap), else the sum of theirs."""
     n = len(records)
     if not n:
         return dict(items=0)
     drafted = sum(r["drafted_tokens"] for r in records)
     tokens = sum(r["output_tokens"] for r in records)
-    wall = sum(r["wall_time"] for r in records)
+    wall = sum(r["wall_time"] for r in records) if wall is None else wall
     return dict(
         items=n,
         accuracy=sum(r["correct"] for r in records) / n,
@@ -168,6 +209,9 @@ def run(args) -> dict:
 
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"limit must be at least 1, got {args.limit}", "limit")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise EvaluateError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}",
+                            "batch_size")
     GenerationOptions.from_args(args)
     items = load_items(args.data, limit=args.limit)
     by_id = {item_id(it): it for it in items}
@@ -194,14 +238,20 @@ def run(args) -> dict:
         print(f"notice: {model_path} has no MemoSight configuration; running plain decoding",
               file=sys.stderr)
     results = list(done.values())
+    wall = sum(r["wall_time"] for r in results)
     if todo:
         from tqdm import tqdm
 
         f = open(out, "a", encoding="utf-8") if out is not None else None
-        bar = tqdm(todo, desc="evaluate", unit="item", file=sys.stderr)
+        bar = tqdm(total=len(todo), desc="evaluate", unit="item", file=sys.stderr)
+        if args.batch_size > 1:
+            records = evaluate_batched(model, tokenizer, todo, settings, args.batch_size)
+        else:
+            records = (evaluate_item(model, tokenizer, item, settings) for item in todo)
+        tic = time.perf_counter()
         try:
-            for item in bar:
-                rec = evaluate_item(model, tokenizer, item, settings)
+            for rec in records:
+                bar.update(1)
                 results.append(rec)
                 if f is not None:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -212,9 +262,10 @@ def run(args) -> dict:
             bar.close()
             if f is not None:
                 f.close()
+        wall += time.perf_counter() - tic
     order = {item_id(it): i for i, it in enumerate(items)}
     results.sort(key=lambda r: order[r["id"]])
-    return summarize(results)
+    return summarize(results, wall)
 
 
 def build_parser():
@@ -231,7 +282,13 @@ def build_parser():
                                          "draft_len"), max_tokens=DEFAULT_MAX_TOKENS)
     p.add_argument("--system", "--system-prompt", dest="system",
                    help="system prompt (default: the model's template's)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="items decoded together in one batch; the answers are the same at any batch size "
+                   "(default: %(default)s)")
     return p
+
+
+MAX_BATCH_SIZE = 256
 
 
 def _evaluate(args):

@@ -100,6 +100,67 @@ def _newline_id(tokenizer) -> Optional[int]:
     return ids[-1] if ids else None
 
 
+class TextStream:
+    """Committed tokens to :class:`GenerationResponse` objects with text, for
+    one generation: splitters show as a newline (a step ends with "\\n" +
+    splitter, which reads as a blank line) and each step is decoded on its
+    own, as it was encoded (a SentencePiece step then does not start with the
+    space of its dummy prefix); a stop token adds no text. A response is held
+    back until the next token (or :meth:`finish`) so that the last one carries
+    the detokenizer's final text."""
+
+    def __init__(self, tokenizer, cfg: Optional[MemoSightConfig], stop: Sequence[int]):
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.newline = _newline_id(tokenizer)
+        self.splitter = cfg.token_ids.splitter if cfg is not None else None
+        self.stop = set(stop)
+        self.held: Optional[GenerationResponse] = None
+
+    def feed(self, event, st: GenerationStats) -> Optional[GenerationResponse]:
+        """The response before this token's, now complete (None at first)."""
+        t = event.token
+        d = self.detokenizer
+        if t in self.stop:
+            segment = ""
+        elif t == self.splitter:
+            if self.newline is not None:
+                d.add_token(self.newline)
+            d.finalize()
+            segment = d.last_segment
+            d.reset()
+        else:
+            d.add_token(t)
+            segment = d.last_segment
+        out, self.held = self.held, GenerationResponse(
+            text=segment,
+            token=t,
+            logprobs=None,
+            from_draft=event.from_draft,
+            prompt_tokens=st.prompt_tokens,
+            prompt_tps=st.prompt_tps,
+            generation_tokens=st.generated_tokens,
+            generation_tps=st.generation_tps,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=None,
+            kv_entries=event.kv_entries,
+            compress_event=event.compress_event,
+            forward_passes=event.forward_passes,
+            stats=st,
+        )
+        return out
+
+    def finish(self, st: GenerationStats) -> Optional[GenerationResponse]:
+        """The last response, with the final text and the finish reason."""
+        last, self.held = self.held, None
+        if last is not None:
+            self.detokenizer.finalize()
+            last.text += self.detokenizer.last_segment
+            last.finish_reason = st.finish_reason
+            last.generation_tps = st.generation_tps
+        return last
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -132,62 +193,21 @@ def stream_generate(
             ``foresight_sets``, ``prefill_step_size``).
 
     Yields:
-        :class:`GenerationResponse` per committed token. Splitters show as a
-        newline (a step ends with "\\n" + splitter, which reads as a blank
-        line) and each step is decoded on its own, as it was encoded; the
-        stop token adds no text.
+        :class:`GenerationResponse` per committed token (text as
+        :class:`TextStream` makes it).
     """
     cfg = memosight_config or getattr(model, "memosight_config", None)
     ids = prompt_ids(tokenizer, prompt, cfg, system, raw_prompt)
     engine = make_engine(model, tokenizer, cfg, sampler=sampler, logits_processors=logits_processors,
                          **engine_options)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    newline = _newline_id(tokenizer)
-    splitter = cfg.token_ids.splitter if cfg is not None else None
-    events = engine.generate(ids, max_tokens, prompt_cache)
-    prev = None
-    for event in events:
-        if prev is not None:
-            yield prev
-        t = event.token
-        if t in engine.stop_ids:
-            segment = ""
-        elif t == splitter:
-            # Steps are encoded one by one (SPEC section 1), so each is decoded
-            # on its own: a SentencePiece step then does not start with the
-            # space of its dummy prefix.
-            if newline is not None:
-                detokenizer.add_token(newline)
-            detokenizer.finalize()
-            segment = detokenizer.last_segment
-            detokenizer.reset()
-        else:
-            detokenizer.add_token(t)
-            segment = detokenizer.last_segment
-        st = engine.stats
-        prev = GenerationResponse(
-            text=segment,
-            token=t,
-            logprobs=None,
-            from_draft=event.from_draft,
-            prompt_tokens=st.prompt_tokens,
-            prompt_tps=st.prompt_tps,
-            generation_tokens=st.generated_tokens,
-            generation_tps=st.generation_tps,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=None,
-            kv_entries=event.kv_entries,
-            compress_event=event.compress_event,
-            forward_passes=event.forward_passes,
-            stats=st,
-        )
-    if prev is not None:
-        detokenizer.finalize()
-        prev.text += detokenizer.last_segment
-        prev.finish_reason = engine.stats.finish_reason
-        prev.generation_tps = engine.stats.generation_tps
-        yield prev
+    text = TextStream(tokenizer, cfg, engine.stop_ids)
+    for event in engine.generate(ids, max_tokens, prompt_cache):
+        r = text.feed(event, engine.stats)
+        if r is not None:
+            yield r
+    last = text.finish(engine.stats)
+    if last is not None:
+        yield last
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, verbose: bool = False,

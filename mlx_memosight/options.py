@@ -269,6 +269,8 @@ class ServerOptions(Options):
                                     "$MLX_MEMOSIGHT_API_KEY, else none)", kind=str)
     max_tokens: int = option(2048, "a request's max_tokens when it sets none", low=1)
     max_queue: int = option(16, "requests that may wait for the model; more get a 503", low=1)
+    batch_size: int = option(8, "requests decoded together in one batch (1: one at a time)", low=1, high=256,
+                             flags=("--batch-size", "--decode-concurrency"))
     max_body_bytes: int = option(1 << 20, "largest request body; larger get a 413", low=1)
     reasoning_split: str = option("steps", "steps: finished steps (or a <think> block) are the "
                                   "reasoning, the last step the answer; none: everything in content",

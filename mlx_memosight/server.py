@@ -92,6 +92,7 @@ class Server:
 
     def __init__(self, model_path: str, model, tokenizer, model_id: str, api_key: Optional[str] = None,
                  max_queue: int = ServerOptions.default("max_queue"),
+                 batch_size: int = ServerOptions.default("batch_size"),
                  max_body_bytes: int = ServerOptions.default("max_body_bytes"),
                  default_max_tokens: int = ServerOptions.default("max_tokens"),
                  split: str = ServerOptions.default("reasoning_split"),
@@ -107,7 +108,8 @@ class Server:
         self.split = split
         self.context = getattr(model.args, "max_position_embeddings", None)
         self.kv_entry_bytes = kv_bytes_per_entry(model)
-        self.worker = Worker(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes)
+        self.worker = Worker(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
+                             batch_size=batch_size)
         self.created = int(time.time())
 
     # -- requests ------------------------------------------------------------
@@ -407,7 +409,7 @@ def create_app(server: Server, log=None, log_requests: bool = False):
         return wrapped
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": server.model_id, "busy": server.worker.current is not None,
+        return JSONResponse({"status": "ok", "model": server.model_id, "busy": server.worker.busy,
                              "waiting": server.worker.waiting})
 
     async def models(request):
@@ -639,8 +641,9 @@ def _serve(args):
         print(memosight_notice(path), file=sys.stderr)
     model_id = args.model or "mlx-memosight-demo"
     server = Server(str(path), model, tokenizer, model_id, api_key=o.api_key or os.environ.get(API_KEY_ENV),
-                    max_queue=o.max_queue, max_body_bytes=o.max_body_bytes, default_max_tokens=o.max_tokens,
-                    split=o.reasoning_split, prompt_cache_bytes=o.prompt_cache_bytes)
+                    max_queue=o.max_queue, batch_size=o.batch_size, max_body_bytes=o.max_body_bytes,
+                    default_max_tokens=o.max_tokens, split=o.reasoning_split,
+                    prompt_cache_bytes=o.prompt_cache_bytes)
     if o.host not in LOCAL_HOSTS:
         print(f"warning: listening on {o.host}: other machines can reach this server"
               + ("" if server.api_key else " and no --api-key is set"), file=sys.stderr)

@@ -241,20 +241,28 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time on the model, in arrival order, in a thread of
-    its own (the model's arrays are used from that thread only). At most
-    ``max_queue`` jobs wait; :meth:`submit` raises :class:`Busy` beyond.
+    """Runs the requests on the model in a thread of its own (the model's
+    arrays are used from that thread only), up to ``batch_size`` of them
+    decoded together in one batch (:class:`mlx_memosight.engine.BatchEngine`):
+    a waiting request joins between two passes, a finished or cancelled one
+    leaves at once. Requests with the same engine settings share a batch;
+    batches of different settings take turns, a pass each. At most
+    ``max_queue`` requests wait; :meth:`submit` raises :class:`Busy` beyond.
     Prompts share KV entries through a :class:`mlx_memosight.cache.PromptCache`
     of ``prompt_cache_bytes`` (0: none)."""
 
-    def __init__(self, model, tokenizer, max_queue: int = 16, prompt_cache_bytes: int = 1 << 30):
+    def __init__(self, model, tokenizer, max_queue: int = 16, prompt_cache_bytes: int = 1 << 30,
+                 batch_size: int = 8):
         from .cache import PromptCache
 
         self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
-        self.current: Optional[Job] = None
+        self.engines: Dict[tuple, object] = {}  # engine settings -> BatchEngine
+        self.running: Dict[tuple, "_Running"] = {}  # (settings, sequence id) -> request
         self.cancelled_jobs = 0  # stopped early: the client left or a stop string ended the text
+        self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="memosight-worker", daemon=True)
         self.thread.start()
 
@@ -268,51 +276,98 @@ class Worker:
     def waiting(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
     def stop(self):
         self.jobs.put(None)
 
     def _loop(self):
-        while True:
-            job = self.jobs.get()
+        while not (self._stopping and not self.running):
+            self._admit()
+            for key, engine in list(self.engines.items()):
+                if len(engine):
+                    self._step(key, engine)
+
+    def _admit(self):
+        """Take waiting requests while the batch has room (wait for one when
+        nothing runs)."""
+        while not self._stopping and len(self.running) < self.batch_size:
+            try:
+                job = self.jobs.get(block=not self.running)
+            except queue.Empty:
+                return
             if job is None:
+                self._stopping = True
                 return
             if job.cancelled.is_set():
                 continue
-            self.current = job
             try:
-                self._run(job)
+                self._start(job)
             except MemoSightError as e:
                 job.emit("error", str(e))
             except Exception as e:  # the server keeps serving; the client is told
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                self.current = None
 
-    def _run(self, job: Job):
-        import mlx.core as mx
+    def _start(self, job: Job):
+        from .engine import BatchEngine
+        from .generation import TextStream, stop_ids
 
-        from .generation import stream_generate
-
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        last = None
-        stream = stream_generate(self.model, self.tokenizer, job.ids, job.max_tokens, sampler=job.sampler,
-                                 logits_processors=job.logits_processors, prompt_cache=self.prompt_cache,
+        key = tuple(sorted(job.engine_options.items()))
+        engine = self.engines.get(key)
+        if engine is None:
+            engine = BatchEngine(self.model, self.model.memosight_config, stop_ids=stop_ids(self.tokenizer),
                                  **job.engine_options)
+            self.engines[key] = engine
+        uid = engine.add(job.ids, job.max_tokens, self.prompt_cache, sampler=job.sampler,
+                         logits_processors=job.logits_processors, seed=job.seed)
+        self.running[(key, uid)] = _Running(job, TextStream(self.tokenizer, engine.cfg, engine.stop_ids))
+
+    def _step(self, key, engine):
+        for (k, uid), run in list(self.running.items()):
+            if k == key and run.job.cancelled.is_set():
+                stats = engine.cancel(uid)
+                self.running.pop((k, uid))
+                self.cancelled_jobs += 1
+                if run.emitted:  # a stop string ended the text: the request ends with what it has
+                    run.job.emit("done", stats)
+        if not len(engine):
+            return
         try:
-            for r in stream:
-                if job.cancelled.is_set():
-                    self.cancelled_jobs += 1
-                    break
-                job.emit("token", r)
-                last = r
-        finally:
-            stream.close()
-        if last is None:
-            if job.cancelled.is_set():
-                return
-            raise GenerationError("nothing was generated")
-        job.emit("done", last.stats)
+            results = engine.step()
+        except Exception as e:  # a failed pass fails the requests in it; the server keeps serving
+            message = str(e) if isinstance(e, MemoSightError) else f"generation failed: {type(e).__name__}: {e}"
+            for k in [k for k in self.running if k[0] == key]:
+                self.running.pop(k).job.emit("error", message)
+            self.engines.pop(key, None)
+            return
+        for r in results:
+            run = self.running.get((key, r.uid))
+            if run is None:
+                continue
+            for event in r.events:
+                out = run.text.feed(event, r.stats)
+                if out is not None:
+                    run.job.emit("token", out)
+                    run.emitted = True
+            if r.finished:
+                self.running.pop((key, r.uid))
+                last = run.text.finish(r.stats)
+                if last is not None:
+                    run.job.emit("token", last)
+                    run.emitted = True
+                if run.emitted:
+                    run.job.emit("done", r.stats)
+                else:
+                    run.job.emit("error", str(GenerationError("nothing was generated")))
+
+
+@dataclass
+class _Running:
+    job: Job
+    text: object  # generation.TextStream
+    emitted: bool = False
 
 
 def kv_bytes_per_entry(model) -> int:

@@ -233,3 +233,26 @@ def test_compress_blocks_fed_in_chunks(loaded, min_chunk):
     got, _ = continuous(engine, prompts, [MAX_TOKENS] * 6, 6)
     assert got == expected
     assert chunked > 0
+
+
+def test_rows_sample_with_their_own_sampler_and_seed(loaded):
+    """Greedy rows, sampled rows and rows with a repetition penalty in one
+    batch; a seeded row samples the same tokens as when it runs alone."""
+    from mlx_lm.sample_utils import make_sampler
+
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=4)[:6]
+    choices = [dict(), dict(sampler=make_sampler(temp=1.0), seed=11), dict(),
+               dict(sampler=make_sampler(temp=0.8, top_p=0.9), seed=5),
+               dict(logits_processors=[make_repetition_penalty(1.2)]), dict(sampler=make_sampler(temp=1.0), seed=11)]
+    expected = [[ev.token for ev in Engine(model, cfg, draft_len=2).generate(p, 60, **c)]
+                for p, c in zip(prompts, choices)]
+    engine = BatchEngine(model, cfg, draft_len=2)
+    uids = [engine.add(p, 60, **c) for p, c in zip(prompts, choices)]
+    tokens = defaultdict(list)
+    while len(engine):
+        for r in engine.step():
+            tokens[r.uid] += [e.token for e in r.events]
+    assert [tokens[u] for u in uids] == expected
+    greedy = alone(model, cfg, [prompts[1]], [60], draft_len=2)[0]
+    assert expected[1] != greedy  # sampling did sample

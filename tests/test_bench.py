@@ -38,3 +38,33 @@ def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path, capsys):
     assert {row["config"] for row in d["rows"]} >= {"mlx_lm (plain model)", "memosight"}
     assert (out / "kv_curve.png").stat().st_size > 1000
     assert (out / "tokens_per_second.png").stat().st_size > 1000
+
+
+def test_bench_batched(tmp_path, capsys):
+    """--batch-size: mlx-lm's continuous batching against this engine's at
+    each size, the same tokens at every size (checked by the bench), KV
+    entries of the whole batch and the sequences a 64 MB budget holds."""
+    from mlx_memosight import demo
+    from mlx_memosight.bench import bench_batched, format_batched
+    from mlx_memosight.demo import demo_model_path
+
+    items = demo.heldout_items(6)
+    runs = bench_batched(demo_model_path(), items, [1, 3], max_tokens=200, progress=False)
+    assert [(r.config, r.batch_size) for r in runs] == [("mlx_lm", 1), ("memosight", 1), ("mlx_lm", 3),
+                                                         ("memosight", 3)]
+    lm1, ms1, lm3, ms3 = runs
+    assert ms1.tokens == ms3.tokens and lm1.tokens == lm3.tokens
+    # three answers held at once take more KV than one; MemoSight's far less than plain decoding's
+    assert lm3.peak_kv > lm1.peak_kv and ms3.peak_kv > ms1.peak_kv
+    assert ms3.peak_kv < 0.5 * lm3.peak_kv and ms3.fits() > lm3.fits()
+    assert all(c is not None for c in ms3.correct)
+    table = format_batched(runs)
+    assert "fit 64 MB" in table and len([x for x in table.splitlines() if "memosight" in x]) == 2
+    out = tmp_path / "out"
+    code, stdout, stderr = run_command(main, ["--prompt", "What is 2 + 3?", "--prompt", "Add 4 and 5.",
+                                              "--max-tokens", "40", "--batch-size", "2", "--out", out], capsys)
+    assert code == 0, stderr
+    d = json.loads((out / "summary_batched.json").read_text())
+    assert [r["batch_size"] for r in d["batched"]] == [2, 2]
+    code, _, stderr = run_command(main, ["--prompt", "hi", "--batch-size", "0"], capsys)
+    assert code == 1 and "--batch-size must be between 1 and 256" in stderr
