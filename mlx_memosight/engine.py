@@ -236,7 +236,7 @@ class Engine:
         if not mx.all(mx.isfinite(logits)).item():
             raise GenerationError("the model computed NaN or infinite logits from the prompt: its "
                                   "weights hold NaN or inf, or its activations overflow this dtype")
-        seq.begin(int(seq.select(logits)[0].item()))
+        seq.begin(int(seq.select(logits, at=len(prompt))[0].item()))
         seq.stats.prompt_time = time.perf_counter() - tic
         return seq
 
@@ -302,7 +302,7 @@ class Engine:
         logits = forward(self.model, token.reshape(1, 1), None, cache=seq.cache)
         seq.stats.forward_passes += 1
         seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, seq.cache.length)
-        return seq.select(logits[0])
+        return seq.select(logits[0], at=position + 1)
 
     def _plain_step(self, seq: "Decoding", lookahead, speculate: bool):
         """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
@@ -348,7 +348,7 @@ class BatchEngine(Engine):
     sequence.
     """
 
-    min_chunk = 4  # the narrowest chunk of a compress block
+    min_chunk: Optional[int] = None  # a fixed chunk width for compress blocks (None: chunk_width decides)
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
         super().__init__(model, cfg, **options)
@@ -357,6 +357,7 @@ class BatchEngine(Engine):
         self._next_uid = 0
         self._started: dict = {}  # uid -> time of the first token
         self._pending: dict = {}  # uid -> (compress plan, tokens of it fed so far)
+        self._pass_cost: Optional[PassCost] = None
 
     def __len__(self):
         return len(self.sequences)
@@ -397,10 +398,11 @@ class BatchEngine(Engine):
         each sequence's new tokens, and the sequences that finished (they
         have left the batch).
 
-        A compress block (memory tokens, ``<|continue|>``) whose logits are
-        read only at its end is fed in chunks no wider than the other rows'
-        blocks (at least :attr:`min_chunk` tokens), over several iterations,
-        instead of widening every row's block to its length."""
+        A compress block (memory tokens, ``<|continue|>``), whose logits are
+        read only at its end, either widens the pass (the other rows then
+        draft in that width at no extra cost) or is fed in chunks no wider
+        than the other rows' blocks over several iterations, whichever the
+        pass cost model finds cheaper (:meth:`chunk_width`)."""
         out, active = {}, []
         for seq in list(self.sequences):
             out[seq.uid] = BatchResult(seq.uid, seq.take_events(), seq.stats)
@@ -412,18 +414,24 @@ class BatchEngine(Engine):
                 active.append(seq)
         if not active:
             return list(out.values())
-        compressing = any(seq.uid in self._pending or seq.must_compress() for seq in active)
-        free = self.min_chunk if compressing else 1
-        plans = []
+        plans = {}
+        for seq in active:  # compress blocks first: their width is what the others may use
+            if seq.uid in self._pending:
+                plans[seq.uid] = self._pending.pop(seq.uid)
+            elif seq.must_compress():
+                plans[seq.uid] = (seq.plan(rows=len(active)), 0)
+        chunk = self.chunk_width(len(active)) if plans else None
+        free = 1 if chunk is not None else max([len(p.p) - fed for p, fed in plans.values()] + [1])
         for seq in active:
-            plans.append(self._pending.pop(seq.uid) if seq.uid in self._pending
-                         else (seq.plan(rows=len(active), free=free), 0))
-        widths = [len(plan.p) for plan, _ in plans if plan.kind != "compress"]
-        width = max(widths + [self.min_chunk]) if widths else max(len(p.p) - fed for p, fed in plans)
+            if seq.uid not in plans:
+                plans[seq.uid] = (seq.plan(rows=len(active), free=free), 0)
+        widths = [len(p.p) for p, _ in plans.values() if p.kind != "compress"]
+        width = max(widths + [chunk]) if (widths and chunk is not None) else None
         feeds = []
-        for seq, (plan, fed) in zip(active, plans):
+        for seq in active:
+            plan, fed = plans[seq.uid]
             end = len(plan.p)
-            if plan.kind == "compress" and end - fed > width and fed < int(plan.rows[0]):
+            if plan.kind == "compress" and width is not None and end - fed > width and fed < int(plan.rows[0]):
                 end = min(fed + width, int(plan.rows[0]))  # logits are read from rows[0] on
             feeds.append((seq, plan, fed, end))
         tokens = self._run_batch(feeds)
@@ -437,6 +445,24 @@ class BatchEngine(Engine):
                 out[seq.uid].events += seq.take_events()
             seq.stats.generation_time = now - self._started[seq.uid]
         return list(out.values())
+
+    def chunk_width(self, rows: int) -> Optional[int]:
+        """The widest chunk of a compress block in a pass of ``rows`` rows
+        (None: the whole block at once). Widening a pass of ``rows`` rows by
+        ``w - 1`` tokens costs ``per_token * rows * (w - 1)``; feeding the
+        block a token at a time instead keeps its row idle for ``w - 1``
+        more passes, a token each at ``(1 + per_token * (rows - 1)) / rows``.
+        The second is cheaper when ``1 - per_token < per_token * rows *
+        (rows - 1)``: with more than a few rows, unless a pass token is
+        nearly free."""
+        if self.min_chunk is not None:
+            return self.min_chunk
+        if rows < 2:
+            return None
+        if self._pass_cost is None:
+            self._pass_cost = self._policy_args[0] if self._policy_args else PassCost.for_model(self.model)
+        p = self._pass_cost.per_token
+        return 1 if 1 - p < p * rows * (rows - 1) else None
 
     def _run_batch(self, feeds) -> List[Optional[List[int]]]:
         """One pass in which row ``b`` feeds tokens ``[fed, end)`` of its
@@ -524,7 +550,6 @@ class Decoding:
         self.sampler = engine.sampler if sampler is ENGINE_DEFAULT else sampler
         self.processors = engine.processors if logits_processors is ENGINE_DEFAULT else list(logits_processors or ())
         self.seed = seed
-        self._draws = 0  # selections made, which with a seed number the random draws
         self.cache = cache
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -569,21 +594,36 @@ class Decoding:
     def greedy(self) -> bool:
         return self.sampler is None and not self.processors
 
-    def select(self, logits: mx.array, plan: Optional[Plan] = None) -> mx.array:
-        """Tokens for logits rows ``(R, V)`` (lazily). Without processors
+    def select(self, logits: mx.array, plan: Optional[Plan] = None, at: Optional[int] = None) -> mx.array:
+        """Tokens for logits rows ``(R, V)`` (lazily): the rows of ``plan``,
+        or one row choosing the token at position ``at``. Without processors
         only the sampler matters; with them, rows of group ``j`` see the
-        committed history followed by ``plan.prefixes[j]``. With a seed, the
-        n-th selection of the sequence samples from a random state of its own
-        (seed and n), whatever runs beside it."""
+        committed history followed by ``plan.prefixes[j]``.
+
+        With a seed, the token at position ``t`` is sampled from a random
+        state of its own (seed and ``t``): the same tokens whatever the
+        drafting does and whatever runs beside the sequence in a batch."""
         if self.seed is not None and self.sampler is not None:
-            mx.random.seed((self.seed * 1_000_003 + self._draws) % 2**32)
-        self._draws += 1
+            if plan is None:
+                targets = [at]
+            else:
+                exact = len(plan.p.exact_rows)
+                targets = [int(plan.p.positions[r]) + 1 + (i >= exact) * (1 << 24) for i, r in enumerate(plan.rows)]
+            groups = plan.groups if plan is not None else None
+            picks = []
+            for i, t in enumerate(targets):
+                mx.random.seed((self.seed * 1_000_003 + t) % 2**32)
+                picks.append(self._select(logits[i : i + 1], plan, None if groups is None else groups[i : i + 1]))
+            return mx.concatenate(picks)
+        return self._select(logits, plan, None if plan is None else plan.groups)
+
+    def _select(self, logits, plan, groups):
         if not self.processors:
             return select(logits, self.sampler)
-        if plan is None or plan.groups is None:
+        if plan is None or groups is None:
             return select(logits, self.sampler, self.processors, [self._history])
         histories = [mx.concatenate([self._history, mx.array(x, mx.int32)]) for x in plan.prefixes]
-        return select(logits, self.sampler, self.processors, histories, plan.groups)
+        return select(logits, self.sampler, self.processors, histories, groups)
 
     # -- passes --------------------------------------------------------------
     def done(self) -> Optional[str]:
