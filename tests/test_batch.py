@@ -259,3 +259,16 @@ def test_rows_sample_with_their_own_sampler_and_seed(loaded):
     # a seeded sequence's tokens do not depend on the drafting either
     for kw in (dict(foresight=False), dict(draft_len=3, foresight_sets="last")):
         assert [ev.token for ev in Engine(model, cfg, **kw).generate(prompts[1], 60, **choices[1])] == expected[1]
+
+
+def test_bench_batch_pass_script():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_batch_pass.py"), "--batch-sizes", "1", "3",
+                        "--cache", "20"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1", "3"] and all(float(row[2]) > 0 for row in rows)
