@@ -280,15 +280,17 @@ class BatchKVCache:
         return row
 
     def remove(self, row: BatchRow):
-        """Drop a row (its sequence has finished or was cancelled)."""
+        """Drop a row (its sequence has finished or was cancelled); the
+        buffers shrink to what the longest remaining row needs."""
         b = row.index
         self.rows.pop(b)
+        cap = _round_up(max(self.lengths, default=0), LayerCache.step)
         for layer in self.layers:
             if not self.rows:
                 layer.keys = layer.values = None
             else:
-                layer.keys = mx.concatenate([layer.keys[:b], layer.keys[b + 1 :]])
-                layer.values = mx.concatenate([layer.values[:b], layer.values[b + 1 :]])
+                layer.keys = mx.concatenate([layer.keys[:b, :, :cap], layer.keys[b + 1 :, :, :cap]])
+                layer.values = mx.concatenate([layer.values[:b, :, :cap], layer.values[b + 1 :, :, :cap]])
         if self.rows:
             mx.eval(self.state_arrays())
 

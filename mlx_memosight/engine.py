@@ -610,10 +610,13 @@ class Decoding:
                 exact = len(plan.p.exact_rows)
                 targets = [int(plan.p.positions[r]) + 1 + (i >= exact) * (1 << 24) for i, r in enumerate(plan.rows)]
             groups = plan.groups if plan is not None else None
+            # the process's random state goes on from where it was, for the unseeded
+            after = int(mx.random.randint(0, 2**31 - 1, (1,)).item())
             picks = []
             for i, t in enumerate(targets):
                 mx.random.seed((self.seed * 1_000_003 + t) % 2**32)
                 picks.append(self._select(logits[i : i + 1], plan, None if groups is None else groups[i : i + 1]))
+            mx.random.seed(after)
             return mx.concatenate(picks)
         return self._select(logits, plan, None if plan is None else plan.groups)
 
@@ -660,7 +663,7 @@ class Decoding:
             if s.drafts is not None:
                 s.drafts = []
             p = e.builder.decode(s.anchor, s.position, self.cache.length)
-            return Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:1]])
+            return Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:0]])
         if e.schedule == "two-pass":
             if s.drafts is None:
                 p = e.builder.decode(s.anchor, s.position, self.cache.length, (), e.draft_len)
@@ -675,10 +678,11 @@ class Decoding:
                              [k] if layout == "last" else None)
         rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
         # row i of the verified block follows the anchor and drafts[:i]; a
-        # foresight set follows the prefix it was placed after
+        # foresight set follows the prefix it was placed after. The anchor is
+        # committed already, so a row's history adds drafts[:i] to it
         groups = list(range(k + 1)) + [j for j in p.foresight_prefixes for _ in range(g)]
         kind = "verify" if e.schedule == "two-pass" else "fused"
-        return Plan(kind, p, rows, drafts, g, groups, [p.tokens[: i + 1] for i in range(k + 1)])
+        return Plan(kind, p, rows, drafts, g, groups, [p.tokens[1 : i + 1] for i in range(k + 1)])
 
     def apply(self, plan: Plan, tokens: List[int]):
         """Take the pass's tokens: commit, trim the cache, evict."""

@@ -285,10 +285,23 @@ class Worker:
 
     def _loop(self):
         while not (self._stopping and not self.running):
-            self._admit()
-            for key, engine in list(self.engines.items()):
-                if len(engine):
-                    self._step(key, engine)
+            try:
+                self._admit()
+                for key, engine in list(self.engines.items()):
+                    if len(engine):
+                        self._step(key, engine)
+            except Exception as e:  # never leave the loop: fail what runs, keep serving
+                self._fail(list(self.running), _message(e))
+                self.engines.clear()
+
+    def _fail(self, keys, message: str):
+        for k in keys:
+            run = self.running.pop(k, None)
+            if run is not None:
+                try:
+                    run.job.emit("error", message)
+                except Exception:  # the request's side is gone
+                    pass
 
     def _admit(self):
         """Take waiting requests while the batch has room (wait for one when
@@ -305,10 +318,8 @@ class Worker:
                 continue
             try:
                 self._start(job)
-            except MemoSightError as e:
-                job.emit("error", str(e))
             except Exception as e:  # the server keeps serving; the client is told
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                job.emit("error", _message(e))
 
     def _start(self, job: Job):
         from .engine import BatchEngine
@@ -337,30 +348,43 @@ class Worker:
         try:
             results = engine.step()
         except Exception as e:  # a failed pass fails the requests in it; the server keeps serving
-            message = str(e) if isinstance(e, MemoSightError) else f"generation failed: {type(e).__name__}: {e}"
-            for k in [k for k in self.running if k[0] == key]:
-                self.running.pop(k).job.emit("error", message)
+            self._fail([k for k in self.running if k[0] == key], _message(e))
             self.engines.pop(key, None)
             return
         for r in results:
             run = self.running.get((key, r.uid))
             if run is None:
                 continue
-            for event in r.events:
-                out = run.text.feed(event, r.stats)
-                if out is not None:
-                    run.job.emit("token", out)
-                    run.emitted = True
+            try:
+                self._deliver(run, r)
+            except Exception as e:  # this request fails (its text, its client); the others go on
+                if not r.finished:
+                    engine.cancel(r.uid)
+                self._fail([(key, r.uid)], _message(e))
+                continue
             if r.finished:
-                self.running.pop((key, r.uid))
-                last = run.text.finish(r.stats)
-                if last is not None:
-                    run.job.emit("token", last)
-                    run.emitted = True
-                if run.emitted:
-                    run.job.emit("done", r.stats)
-                else:
-                    run.job.emit("error", str(GenerationError("nothing was generated")))
+                self.running.pop((key, r.uid), None)
+
+    @staticmethod
+    def _deliver(run: "_Running", r):
+        for event in r.events:
+            out = run.text.feed(event, r.stats)
+            if out is not None:
+                run.job.emit("token", out)
+                run.emitted = True
+        if r.finished:
+            last = run.text.finish(r.stats)
+            if last is not None:
+                run.job.emit("token", last)
+                run.emitted = True
+            if run.emitted:
+                run.job.emit("done", r.stats)
+            else:
+                run.job.emit("error", str(GenerationError("nothing was generated")))
+
+
+def _message(e: Exception) -> str:
+    return str(e) if isinstance(e, MemoSightError) else f"generation failed: {type(e).__name__}: {e}"
 
 
 @dataclass

@@ -206,9 +206,11 @@ def test_batch_cache_rows_keep_their_own_entries():
     for b, c in enumerate(singles):
         assert rows[b].length == c.length
         assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
+    assert batch.layers[0].keys.shape[2] == 512
     batch.remove(rows[1])
     rows.pop(1)
     singles.pop(1)
+    assert batch.layers[0].keys.shape[:3] == (2, H, 256)  # shrunk to what the longest row left needs
     for b, c in enumerate(singles):
         assert all(np.array_equal(x, y) for x, y in zip(row_entries(b), single_entries(c)))
 

@@ -585,3 +585,39 @@ def test_bench_server_script():
     assert [(x[0], x[1]) for x in rows] == [("mlx_memosight.server", "1"), ("mlx_memosight.server", "2"),
                                             ("mlx_lm.server", "1"), ("mlx_lm.server", "2")]
     assert all(float(x[3]) > 0 for x in rows) and rows[2][4] == rows[3][4] == "1.00x"
+
+
+def test_worker_survives_a_request_that_fails(demo_model):
+    """A request whose delivery raises (its text or its client side) gets an
+    error, the requests beside it in the batch finish, and the worker keeps
+    serving; the batch's buffers shrink as rows leave."""
+    from mlx_memosight.serving import Worker
+
+    model, tok = demo_model
+    worker = Worker(model, tok, batch_size=4)
+    events = {i: [] for i in range(3)}
+    done = {i: threading.Event() for i in range(3)}
+
+    def emitter(i, fail=False):
+        def emit(kind, payload):
+            if fail and kind == "token":
+                raise RuntimeError("the client side broke")
+            events[i].append(kind)
+            if kind in ("done", "error"):
+                done[i].set()
+        return emit
+
+    ids = conversation_ids(tok, [Message("user", _question(0))], model.memosight_config)
+    try:
+        worker.submit(Job(ids, 40, emitter(0)))
+        worker.submit(Job(ids, 40, emitter(1, fail=True)))
+        for i in (0, 1):
+            assert done[i].wait(60), i
+        assert events[0][-1] == "done" and events[0].count("token") == 40
+        assert events[1] == ["error"]
+        worker.submit(Job(ids, 10, emitter(2)))
+        assert done[2].wait(60) and events[2][-1] == "done"
+        assert not worker.busy
+    finally:
+        worker.stop()
+        worker.thread.join(10)
