@@ -349,6 +349,7 @@ class BatchEngine(Engine):
     """
 
     min_chunk: Optional[int] = None  # a fixed chunk width for compress blocks (None: chunk_width decides)
+    pipeline = True  # issue the next pass of plain-decoding rows before reading the current one
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
         super().__init__(model, cfg, **options)
@@ -358,6 +359,7 @@ class BatchEngine(Engine):
         self._started: dict = {}  # uid -> time of the first token
         self._pending: dict = {}  # uid -> (compress plan, tokens of it fed so far)
         self._pass_cost: Optional[PassCost] = None
+        self._ahead = None  # a pass issued before the previous one was read: (feeds, its tokens)
 
     def __len__(self):
         return len(self.sequences)
@@ -412,6 +414,8 @@ class BatchEngine(Engine):
                 out[seq.uid].finished = True
             else:
                 active.append(seq)
+        if self._ahead is not None:
+            return self._step_ahead(out)
         if not active:
             return list(out.values())
         plans = {}
@@ -468,6 +472,21 @@ class BatchEngine(Engine):
         """One pass in which row ``b`` feeds tokens ``[fed, end)`` of its
         plan's block (rows in the batch's order); the selected tokens of
         each row whose block ends in this pass (None for the others)."""
+        chosen = self._issue(feeds)
+        if self._can_run_ahead(feeds):
+            self._ahead = self._issue_ahead(feeds, chosen)
+        return self._read(feeds, chosen)
+
+    @staticmethod
+    def _read(feeds, chosen) -> List[Optional[List[int]]]:
+        chosen = chosen.tolist()
+        return [row[: len(plan.rows)] if end == len(plan.p) else None
+                for row, (_, plan, _, end) in zip(chosen, feeds)]
+
+    def _issue(self, feeds, lazy_tokens: Optional[mx.array] = None) -> mx.array:
+        """Build and start the pass; its selected tokens ``(B, R)``, lazily.
+        ``lazy_tokens`` (``(B, 1)``): the one-token blocks' tokens, not yet
+        computed (the plans hold placeholders)."""
         B = len(feeds)
         N = max(end - fed for _, _, fed, end in feeds)
         final = [end == len(plan.p) for _, plan, _, end in feeds]
@@ -494,7 +513,8 @@ class BatchEngine(Engine):
             seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, start + n)
         mask = CompactMask(mx.array(q_slot), mx.array(q_limit), mx.array(until))
         self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, [end - fed for _, _, fed, end in feeds])
-        h = forward(self.model, mx.array(tokens), None, cache=self.batch, hidden=True)
+        x = mx.array(tokens) if lazy_tokens is None else lazy_tokens.astype(mx.int32)
+        h = forward(self.model, x, None, cache=self.batch, hidden=True)
         h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
         logits = lm_head(self.model, h)
         chosen = mx.argmax(logits, axis=-1)
@@ -504,8 +524,48 @@ class BatchEngine(Engine):
                        [(0, R - len(plan.rows))]) if final[b] and not seq.greedy else chosen[b]
                 for b, (seq, plan, _, _) in enumerate(feeds)
             ])
-        chosen = chosen.tolist()
-        return [row[: len(plan.rows)] if f else None for row, (_, plan, _, _), f in zip(chosen, feeds, final)]
+        mx.async_eval(chosen)
+        return chosen
+
+    # -- plain decoding, pipelined -------------------------------------------
+    def _can_run_ahead(self, feeds) -> bool:
+        """Every sequence of the batch decodes one greedy token in this pass:
+        the next pass can be issued before this one is read (as mlx-lm
+        does), feeding the tokens it is computing."""
+        return (self.pipeline and len(feeds) == len(self.sequences)
+                and all(plan.kind == "decode" and end == len(plan.p) and seq.greedy
+                        and seq.committed + 1 < seq.max_tokens for seq, plan, _, end in feeds))
+
+    def _issue_ahead(self, feeds, chosen):
+        ahead = []
+        for seq, _, _, _ in feeds:
+            s = seq.state
+            p = self.builder.decode(0, s.position + 1, seq.cache.length)  # the token is not known yet
+            ahead.append((seq, Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:0]]), 0, 1))
+        return ahead, self._issue(ahead, chosen[:, :1])
+
+    def _step_ahead(self, out) -> List[BatchResult]:
+        """Take the pass issued ahead: keep the rows whose previous token let
+        them go on decoding plainly, drop the entry of the others (it fed a
+        token they do not decode next), and issue the next pass ahead again
+        while every row goes on."""
+        feeds, chosen = self._ahead
+        self._ahead = None
+        go_on = [seq for seq, _, _, _ in feeds if seq in self.sequences and seq.done() is None
+                 and not seq.must_compress()]
+        if len(go_on) == len(feeds) and self._can_run_ahead(feeds):
+            self._ahead = self._issue_ahead(feeds, chosen)
+        tokens = self._read(feeds, chosen)
+        now = time.perf_counter()
+        for (seq, plan, _, _), toks in zip(feeds, tokens):
+            if seq not in go_on:
+                if seq in self.sequences:
+                    seq.cache.trim(1)
+                continue
+            seq.apply(plan, toks)
+            out[seq.uid].events += seq.take_events()
+            seq.stats.generation_time = now - self._started[seq.uid]
+        return list(out.values())
 
     def generate_all(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
         """Decode every prompt in one batch; each sequence's tokens."""

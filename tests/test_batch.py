@@ -274,3 +274,29 @@ def test_bench_batch_pass_script():
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
     assert [row[0] for row in rows] == ["1", "3"] and all(float(row[2]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("kw", [dict(foresight=False), dict(foresight=False, compress=False)], ids=["compress", "plain"])
+def test_plain_rows_run_a_pass_ahead(loaded, kw):
+    """Rows that all decode one greedy token issue the next pass before the
+    current one is read; a row whose token ends it or starts a compress block
+    drops its entry of the pass ahead. Same tokens with and without."""
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=8)
+    max_tokens = budgets(len(prompts))
+    expected = alone(model, cfg, prompts, max_tokens, **kw)
+    engine = BatchEngine(model, cfg, **kw)
+    ahead = 0
+    issue = engine._issue_ahead
+
+    def spy(*a):
+        nonlocal ahead
+        ahead += 1
+        return issue(*a)
+
+    engine._issue_ahead = spy
+    got, _ = continuous(engine, prompts, max_tokens, 5)
+    assert got == expected and ahead > 50
+    engine = BatchEngine(model, cfg, **kw)
+    engine.pipeline = False
+    assert continuous(engine, prompts, max_tokens, 5)[0] == expected
