@@ -103,16 +103,11 @@ class LayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-class KVCache:
-    """The per-layer caches of one model and the pass they are serving."""
+class _Layers:
+    """What every cache of a whole model offers mlx-lm and the engine: its
+    per-layer caches (``layers``) as a sequence, and their buffers."""
 
-    def __init__(self, num_layers: int):
-        self._pass = _Pass()
-        self.layers: List[LayerCache] = [LayerCache(self._pass) for _ in range(num_layers)]
-
-    @classmethod
-    def for_model(cls, model) -> "KVCache":
-        return cls(len(model.layers))
+    layers: list
 
     def __len__(self):
         return len(self.layers)
@@ -122,6 +117,25 @@ class KVCache:
 
     def __getitem__(self, i):
         return self.layers[i]
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(c.capacity_nbytes for c in self.layers)
+
+    def state_arrays(self):
+        return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
+
+
+class KVCache(_Layers):
+    """The per-layer caches of one model and the pass they are serving."""
+
+    def __init__(self, num_layers: int):
+        self._pass = _Pass()
+        self.layers: List[LayerCache] = [LayerCache(self._pass) for _ in range(num_layers)]
+
+    @classmethod
+    def for_model(cls, model) -> "KVCache":
+        return cls(len(model.layers))
 
     @property
     def length(self) -> int:
@@ -158,12 +172,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
 
-    @property
-    def capacity_nbytes(self) -> int:
-        return sum(c.capacity_nbytes for c in self.layers)
-
-    def state_arrays(self):
-        return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
 
 
 def _round_up(n: int, step: int) -> int:
@@ -229,7 +237,7 @@ class BatchRow:
         self.batch.evict(self, start, end)
 
 
-class BatchKVCache:
+class BatchKVCache(_Layers):
     """The KV cache of a batch of sequences, each with its own length,
     positions and evictions; sequences join (:meth:`add`) and leave
     (:meth:`remove`) between passes.
@@ -244,15 +252,6 @@ class BatchKVCache:
         self._pass = _BatchPass()
         self.layers: List[BatchLayerCache] = [BatchLayerCache(self._pass) for _ in range(num_layers)]
         self.rows: List[BatchRow] = []
-
-    def __len__(self):
-        return len(self.layers)
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __getitem__(self, i):
-        return self.layers[i]
 
     @property
     def batch_size(self) -> int:
@@ -339,12 +338,6 @@ class BatchKVCache:
                         for c in self.layers)
         return per_entry * sum(self.lengths)
 
-    @property
-    def capacity_nbytes(self) -> int:
-        return sum(c.capacity_nbytes for c in self.layers)
-
-    def state_arrays(self):
-        return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
 
 
 class PromptCache:
