@@ -341,22 +341,17 @@ def run_mlx_lm_batched(model, prompts, max_tokens, stop_ids, batch_size) -> Batc
 def run_engine_batched(model, tokenizer, prompts, max_tokens, batch_size, **kw) -> BatchRun:
     """This engine's continuous batching: at most ``batch_size`` sequences
     together, a waiting prompt joining as soon as one leaves."""
-    from .engine import BatchEngine
-    from .generation import stop_ids
+    from .generation import make_engine
 
-    engine = BatchEngine(model, model.memosight_config, stop_ids=stop_ids(tokenizer), **kw)
+    engine = make_engine(model, tokenizer, batch=True, **kw)
     tic = time.perf_counter()
-    waiting = list(range(len(prompts)))
-    index, tokens, seq_peak = {}, [[] for _ in prompts], [0] * len(prompts)
+    tokens, seq_peak = [[] for _ in prompts], [0] * len(prompts)
     peak = steps = 0
-    while waiting or len(engine):
-        while waiting and len(engine) < batch_size:
-            i = waiting.pop(0)
-            index[engine.add(prompts[i], max_tokens)] = i
-        for r in engine.step():
-            tokens[index[r.uid]] += [e.token for e in r.events]
+    for results in engine.run(prompts, max_tokens, batch_size):
+        for i, r in results:
+            tokens[i] += [e.token for e in r.events]
             if r.finished:
-                seq_peak[index[r.uid]] = r.stats.peak_kv_tokens
+                seq_peak[i] = r.stats.peak_kv_tokens
         steps += 1
         peak = max(peak, sum(engine.batch.lengths))
     seconds = time.perf_counter() - tic

@@ -20,7 +20,7 @@ mlx-lm's speculative decoding does), so drafting never changes the output.
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -567,14 +567,26 @@ class BatchEngine(Engine):
             seq.stats.generation_time = now - self._started[seq.uid]
         return list(out.values())
 
+    def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+            batch_size: int) -> Iterator[List[Tuple[int, BatchResult]]]:
+        """Decode the prompts with at most ``batch_size`` of them in the batch,
+        a waiting prompt joining as soon as a sequence leaves; yields, per
+        iteration, ``(prompt index, result)`` of every sequence in it."""
+        waiting = list(range(len(prompts)))
+        index = {}
+        while waiting or self.sequences:
+            while waiting and len(self.sequences) < batch_size:
+                i = waiting.pop(0)
+                index[self.add(prompts[i], max_tokens)] = i
+            yield [(index[r.uid], r) for r in self.step()]
+
     def generate_all(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
         """Decode every prompt in one batch; each sequence's tokens."""
-        uids = [self.add(p, max_tokens) for p in prompts]
-        tokens = {u: [] for u in uids}
-        while self.sequences:
-            for r in self.step():
-                tokens[r.uid] += [e.token for e in r.events]
-        return [tokens[u] for u in uids]
+        tokens = [[] for _ in prompts]
+        for results in self.run(prompts, max_tokens, len(prompts)):
+            for i, r in results:
+                tokens[i] += [e.token for e in r.events]
+        return tokens
 
 
 ENGINE_DEFAULT = object()  # a sequence's sampler and processors: the engine's

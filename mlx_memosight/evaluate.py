@@ -93,17 +93,20 @@ def check_resumable(records: List[dict], items: Dict[str, dict], settings: dict,
 def evaluate_item(model, tokenizer, item: dict, settings: dict) -> dict:
     """Generate an answer to one item and score it."""
     from .generation import generate, special_ids
-    from .options import GenerationOptions
 
-    options = GenerationOptions(max_tokens=settings["max_tokens"], draft_len=settings["draft_len"],
-                                foresight=settings["foresight"], compress=settings["compress"],
-                                repetition_penalty=settings["repetition_penalty"])
+    options = _options(settings)
     tic = time.perf_counter()
     result = generate(
         model, tokenizer, eval_prompt(item), options.max_tokens, system=settings["system"],
         logits_processors=options.logits_processors(special_ids(tokenizer)), **options.engine_options(),
     )
     return make_record(item, result.text, result.stats, time.perf_counter() - tic, settings)
+
+
+def _options(settings: dict) -> GenerationOptions:
+    return GenerationOptions(max_tokens=settings["max_tokens"], draft_len=settings["draft_len"],
+                             foresight=settings["foresight"], compress=settings["compress"],
+                             repetition_penalty=settings["repetition_penalty"])
 
 
 def make_record(item: dict, text: str, stats, wall: float, settings: dict) -> dict:
@@ -129,36 +132,30 @@ def evaluate_batched(model, tokenizer, items: List[dict], settings: dict, batch_
     """Yield the record of every item, decoded ``batch_size`` at a time in
     one batch (:class:`mlx_memosight.engine.BatchEngine`), in the order they
     finish; each item's text is what :func:`evaluate_item` gives it."""
-    from .engine import BatchEngine
-    from .generation import TextStream, prompt_ids, special_ids, stop_ids
+    from .generation import TextStream, make_engine, prompt_ids, special_ids
 
     cfg = model.memosight_config
-    options = GenerationOptions(max_tokens=settings["max_tokens"], draft_len=settings["draft_len"],
-                                foresight=settings["foresight"], compress=settings["compress"],
-                                repetition_penalty=settings["repetition_penalty"])
-    engine = BatchEngine(model, cfg, stop_ids=stop_ids(tokenizer),
-                         logits_processors=options.logits_processors(special_ids(tokenizer)),
-                         **options.engine_options())
-    waiting = list(items)
-    running = {}  # uid -> (item, text stream, pieces, start time)
-    while waiting or running:
-        while waiting and len(running) < batch_size:
-            item = waiting.pop(0)
-            tic = time.perf_counter()
-            ids = prompt_ids(tokenizer, eval_prompt(item), cfg, settings["system"])
-            uid = engine.add(ids, options.max_tokens)
-            running[uid] = (item, TextStream(tokenizer, cfg, engine.stop_ids), [], tic)
-        for r in engine.step():
-            item, text, pieces, tic = running[r.uid]
+    options = _options(settings)
+    engine = make_engine(model, tokenizer, logits_processors=options.logits_processors(special_ids(tokenizer)),
+                         batch=True, **options.engine_options())
+    ids = [prompt_ids(tokenizer, eval_prompt(item), cfg, settings["system"]) for item in items]
+    texts = {}  # prompt index -> (text stream, pieces)
+    for results in engine.run(ids, options.max_tokens, batch_size):
+        for i, r in results:
+            if i not in texts:
+                texts[i] = (TextStream(tokenizer, cfg, engine.stop_ids), [])
+            text, pieces = texts[i]
             for event in r.events:
                 out = text.feed(event, r.stats)
                 if out is not None:
                     pieces.append(out.text)
             if r.finished:
-                del running[r.uid]
+                del texts[i]
                 last = text.finish(r.stats)
                 pieces.append(last.text if last is not None else "")
-                yield make_record(item, "".join(pieces), r.stats, time.perf_counter() - tic, settings)
+                # a sequence's time: its prefill, then its decoding in the batch
+                wall = r.stats.prompt_time + r.stats.generation_time
+                yield make_record(items[i], "".join(pieces), r.stats, wall, settings)
 
 
 def summarize(records: List[dict], wall: Optional[float] = None) -> dict:

@@ -20,7 +20,7 @@ from mlx_lm.generate import GenerationResponse as _MlxLmResponse
 from .backend import describe, reference_blas_in_use
 from .cache import PromptCache
 from .config import MemoSightConfig
-from .engine import Engine, GenerationError, GenerationStats
+from .engine import BatchEngine, Engine, GenerationError, GenerationStats
 from .options import DEFAULT_MAX_TOKENS
 
 
@@ -88,11 +88,12 @@ def special_ids(tokenizer) -> List[int]:
 
 def make_engine(model, tokenizer, cfg: Optional[MemoSightConfig] = None, *,
                 sampler: Optional[Callable] = None, logits_processors: Sequence[Callable] = (),
-                **engine_options) -> Engine:
-    """An :class:`Engine` for a loaded model (stop ids from the tokenizer)."""
+                batch: bool = False, **engine_options) -> Engine:
+    """An :class:`Engine` (with ``batch``, a :class:`BatchEngine`) for a
+    loaded model (stop ids from the tokenizer)."""
     cfg = cfg if cfg is not None else getattr(model, "memosight_config", None)
-    return Engine(model, cfg, sampler=sampler, logits_processors=logits_processors,
-                  stop_ids=stop_ids(tokenizer), **engine_options)
+    return (BatchEngine if batch else Engine)(model, cfg, sampler=sampler, logits_processors=logits_processors,
+                                              stop_ids=stop_ids(tokenizer), **engine_options)
 
 
 def _newline_id(tokenizer) -> Optional[int]:

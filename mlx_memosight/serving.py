@@ -322,14 +322,12 @@ class Worker:
                 job.emit("error", _message(e))
 
     def _start(self, job: Job):
-        from .engine import BatchEngine
-        from .generation import TextStream, stop_ids
+        from .generation import TextStream, make_engine
 
         key = tuple(sorted(job.engine_options.items()))
         engine = self.engines.get(key)
         if engine is None:
-            engine = BatchEngine(self.model, self.model.memosight_config, stop_ids=stop_ids(self.tokenizer),
-                                 **job.engine_options)
+            engine = make_engine(self.model, self.tokenizer, batch=True, **job.engine_options)
             self.engines[key] = engine
         uid = engine.add(job.ids, job.max_tokens, self.prompt_cache, sampler=job.sampler,
                          logits_processors=job.logits_processors, seed=job.seed)
