@@ -540,8 +540,8 @@ class BatchEngine(Engine):
         ahead = []
         for seq, _, _, _ in feeds:
             s = seq.state
-            p = self.builder.decode(0, s.position + 1, seq.cache.length)  # the token is not known yet
-            ahead.append((seq, Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:0]]), 0, 1))
+            # the token is not known yet: the plan holds a placeholder
+            ahead.append((seq, Plan.decode(self.builder, 0, s.position + 1, seq.cache.length), 0, 1))
         return ahead, self._issue(ahead, chosen[:, :1])
 
     def _step_ahead(self, out) -> List[BatchResult]:
@@ -603,6 +603,12 @@ class Plan:
     g: int = 0  # foresight tokens per set
     groups: Optional[List[int]] = None  # per logits row, the draft prefix it follows
     prefixes: Optional[List[np.ndarray]] = None  # the histories of those prefixes
+
+    @classmethod
+    def decode(cls, builder: PassBuilder, anchor: int, position: int, cache_len: int) -> "Plan":
+        """Plain decoding: feed the anchor, read the next token."""
+        p = builder.decode(anchor, position, cache_len)
+        return cls("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:0]])
 
 
 class Decoding:
@@ -734,8 +740,7 @@ class Decoding:
         if not g:
             if s.drafts is not None:
                 s.drafts = []
-            p = e.builder.decode(s.anchor, s.position, self.cache.length)
-            return Plan("decode", p, p.exact_rows, groups=[0], prefixes=[p.tokens[:0]])
+            return Plan.decode(e.builder, s.anchor, s.position, self.cache.length)
         if e.schedule == "two-pass":
             if s.drafts is None:
                 p = e.builder.decode(s.anchor, s.position, self.cache.length, (), e.draft_len)
