@@ -15,7 +15,14 @@ bfloat16, hub-style shards):
   pass, the engine's own host time (building a fused pass) as a share of
   it, and the speed-up full MemoSight would reach at this shape: tokens per
   pass measured on the demo model (README) divided by the cost ratio of its
-  pass size. That last figure is a projection, not a measurement.
+  pass size. That last figure is a projection, not a measurement;
+* train: one LoRA step (rank 8, every layer, Adam) on one reasoning sample of
+  N content tokens (``--train-tokens``, about 2N with foresight tokens) with
+  the joint loss, against mlx-lm's LoRA step with its default loss on a
+  sequence of the same physical length, each in its own process: peak MLX
+  memory and tokens/s. MemoSight runs twice: with blockwise attention (the
+  default past 1024 tokens) and with the whole mask (the way it trained
+  before), to show what the blocks save.
 
 Depth can be reduced (``--layers``) where the full model would not fit the
 machine's time; the report says so on every table.
@@ -179,7 +186,108 @@ def bench_passes(path, note):
     return np
 
 
+def train_sample(path, content_tokens):
+    """One MemoSight sample of about ``content_tokens`` reasoning tokens from the
+    model's own tokenizer (steps of 60-200 tokens of varied words)."""
+    import numpy as np
+
+    from mlx_memosight.config import MemoSightConfig
+    from mlx_memosight.datasets import Example, MemoSightDataset
+    from mlx_memosight.loading import hf_tokenizer
+
+    tok = hf_tokenizer(path)
+    cfg = MemoSightConfig.load(path)
+    rng = np.random.default_rng(0)
+    words = ("first we add the numbers then check result carefully so total is apples oranges train speed "
+             "distance time half double remaining each every day week price cost sum difference product ratio "
+             "percent more less than equal gives means after before left right count group share").split()
+    steps, n = [], 0
+    while n < content_tokens:
+        k = int(rng.integers(60, 200))
+        text = f"Step {len(steps) + 1}: " + " ".join(rng.choice(words, size=k)) + "."
+        n += len(tok.encode(text)) + 2
+        steps.append(text)
+    ex = Example("Tom has 3 apples and buys 5 more each day. How many after a year?", steps)
+    ds = MemoSightDataset.from_examples([ex], tok, cfg, max_seq_length=10 ** 6, name="bench")
+    return tok, cfg, ds
+
+
+def train_one(kind, path, content_tokens):
+    """One LoRA step in this process; prints a JSON line."""
+    import json
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_memosight.layout import Role
+    from mlx_memosight.train import attention as blockwise
+
+    tok, cfg, ds = train_sample(path, content_tokens)
+    sample = ds.samples[0]
+    lora = dict(rank=8, scale=20.0, dropout=0.0)
+    if kind == "mlx_lm":
+        from mlx_lm.tuner.trainer import default_loss
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import load as mlx_lm_load
+
+        model, _ = mlx_lm_load(str(path))
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), lora)
+        ids = mx.array(sample.input_ids.tolist() + [0])[None]
+        batch, loss = (ids, mx.array([[0, ids.shape[1] - 1]])), default_loss
+    else:
+        from mlx_memosight.datasets import batch_arrays
+        from mlx_memosight.loading import load
+        from mlx_memosight.train import memosight_loss, memosight_token_rows, setup_trainable
+
+        if kind == "memosight_mask":
+            blockwise.BLOCKWISE_FROM = 10 ** 9
+        model, _ = load(path)
+        setup_trainable(model, "lora", -1, lora, memosight_token_rows(tok))
+        batch, loss = batch_arrays([sample], 1.0, 1.0), memosight_loss
+    mx.eval(model.parameters(), batch)
+    opt = optim.Adam(learning_rate=1e-5)
+    step = nn.value_and_grad(model, loss)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    (value, _), grads = step(model, *batch)
+    opt.update(model, grads)
+    mx.eval(model.parameters(), opt.state, value)
+    secs = time.perf_counter() - tic
+    real = int((sample.roles != Role.FORESIGHT).sum())
+    print(json.dumps(dict(kind=kind, physical=len(sample), real=real, seconds=secs,
+                          peak=mx.get_peak_memory(), loss=value.item())), flush=True)
+
+
+def bench_train(path, tokens_list, note):
+    import json
+    import subprocess
+
+    log(f"LoRA step (rank 8, every layer, Adam; {path.name}{note}): one sample, each trainer in its own process")
+    log(f"{'content tokens':>15}{'physical':>10}{'trainer':>26}{'peak GB':>9}{'vs mlx_lm':>10}{'tokens/s':>10}")
+    for n in tokens_list:
+        rows = {}
+        for kind in ("mlx_lm", "memosight", "memosight_mask"):
+            out = subprocess.run([sys.executable, __file__, "--train-one", kind, str(path), str(n)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                log(f"{n:>15}{'':>10}{kind:>26}  failed (exit {out.returncode}): "
+                    f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = rows.get("mlx_lm")
+        for kind, r in rows.items():
+            # mlx-lm trains on every physical token; MemoSight's tokens/s counts real tokens
+            toks = r["physical"] if kind == "mlx_lm" else r["real"]
+            ratio = f"{r['peak'] / base['peak']:.2f}x" if base else "-"
+            log(f"{n:>15}{r['physical']:>10}{kind:>26}{r['peak'] / 1e9:>9.2f}{ratio:>10}"
+                f"{toks / r['seconds']:>10.1f}")
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--train-one":
+        return train_one(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shape", help="a name from convert/shapes.json")
     p.add_argument("--layers", type=int, help="reduce the depth (default: the model's)")
@@ -191,6 +299,10 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--train-tokens", default="2048,4096", help="content tokens of the training samples")
+    p.add_argument("--train-dtype", default="bfloat16" if sys.platform == "darwin" else "float32",
+                   help="weights the LoRA steps train on (default: float32 off macOS, where MLX's CPU "
+                        "backend multiplies bfloat16 matrices several times slower)")
     args = p.parse_args()
     from mlx_memosight.backend import describe
 
@@ -202,7 +314,7 @@ def main():
     ckpt = checkpoint(work, args.shape, args.layers, args.max_shard_size)
     if "convert" in sections:
         bench_convert(work, ckpt)
-    paths = variants(work, ckpt, args.dtypes.split(","))
+    paths = variants(work, ckpt, args.dtypes.split(",")) if {"decode", "passes"} & set(sections) else {}
     if "decode" in sections:
         bench_decode(paths, args.decode_tokens, args.repeats, note)
     if "prefill" in sections:
@@ -214,6 +326,9 @@ def main():
         bench_prefill(pp, args.prompt_tokens, args.repeats, f", {layers} layers" if layers else "")
     if "passes" in sections:
         bench_passes(paths.get("bfloat16") or next(iter(paths.values())), note)
+    if "train" in sections:
+        tpath = variants(work, ckpt, [args.train_dtype])[args.train_dtype]
+        bench_train(tpath, [int(n) for n in args.train_tokens.split(",")], note)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .layout import (
     IGNORE_INDEX,
     NEVER,
     AttentionRule,
+    check_causal,
     Role,
     Sample,
     build_training_sample,
@@ -419,6 +420,7 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
     """
     T = bucket_length(max(len(s) for s in samples))
     b = collate(samples, T, pad_id=pad_id)
+    check_causal(b.query_slot, b.query_limit)
     scored = loss_rows(samples)
     R = bucket_length(max(len(r) for r, _, _ in scored))
     rows = np.zeros((len(samples), R), np.int32)

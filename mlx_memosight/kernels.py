@@ -50,6 +50,10 @@ class CompactMask:
     def num_keys(self) -> int:
         return self.key_visible_until.shape[-1]
 
+    def attend(self, queries, keys, values, scale: float) -> mx.array:
+        """Attention under this mask (the kernel dispatcher's choice of path)."""
+        return attention(queries, keys, values, scale, self)
+
     @property
     def array(self) -> mx.array:
         """The boolean mask, ``(Q, K)`` or ``(B, 1, Q, K)``."""

@@ -55,6 +55,14 @@ def attention_mask(query_slot, query_limit, key_visible_until, xp=np):
     return (keys == slot) | ((keys < limit) & (slot < until))
 
 
+def check_causal(query_slot: np.ndarray, query_limit: np.ndarray):
+    """Raise unless no query sees a key past its own index (``(..., T)`` arrays),
+    as in every training sample; blockwise training attention relies on it."""
+    idx = np.arange(query_slot.shape[-1])
+    if np.any(query_slot > idx) or np.any(query_limit > idx + 1):
+        raise ValueError("a training batch must be causal: a query sees a key past its own index")
+
+
 @dataclass
 class AttentionRule:
     """The compact attention rule of Q queries over K key slots."""

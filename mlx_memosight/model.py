@@ -69,7 +69,7 @@ def _install_attention_hook(module):
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, **kwargs):
         if isinstance(mask, kernels.CompactMask):
-            return kernels.attention(queries, keys, values, scale, mask)
+            return mask.attend(queries, keys, values, scale)
         return original(queries, keys, values, cache, scale, mask, *args, **kwargs)
 
     scaled_dot_product_attention.memosight_hook = True

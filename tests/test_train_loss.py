@@ -71,7 +71,19 @@ def mlx_samples(examples, max_length=None):
     ]
 
 
-def test_accumulated_loss_and_gradient_equal_torch(models):
+@pytest.fixture(params=["mask", "blockwise"])
+def attention(request, monkeypatch):
+    """Each loss test runs with the materialised mask and with blockwise
+    attention (every sequence, blocks of 16 queries)."""
+    if request.param == "blockwise":
+        from mlx_memosight.train import attention as blockwise
+
+        monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", 0)
+        monkeypatch.setattr(blockwise, "QUERY_BLOCK", 16)
+    return request.param
+
+
+def test_accumulated_loss_and_gradient_equal_torch(models, attention):
     family, hf, model = models
     cfg = family_cfg(family)
     examples = make_examples(4)
@@ -116,7 +128,7 @@ def test_accumulated_loss_and_gradient_equal_torch(models):
     np.testing.assert_allclose(whole, ref.item(), rtol=1e-4)
 
 
-def test_truncated_samples_equal_torch(models):
+def test_truncated_samples_equal_torch(models, attention):
     family, hf, model = models
     cfg = family_cfg(family)
     examples = make_examples(2, seed=5)

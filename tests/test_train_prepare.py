@@ -130,6 +130,42 @@ def test_token_row_update_touches_only_memosight_rows(tmp_path, kind, family):
         assert np.all(b[:, base] == 0) and np.abs(b[:, rows]).max() > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_restricted_output_layer_computes_mlx_lms_function(tmp_path, family):
+    """The output layer adds its LoRA update to the token rows' columns only;
+    with the other rows' factors at zero (as training keeps them) that is
+    mlx-lm's layer's function, and the gradient of the rows' factors is mlx-lm's."""
+    model, tok, hf_config, _ = load_base(make_base_model(tmp_path / "base", family))
+    prepare(model, tok, hf_config)
+    rows = memosight_token_rows(tok)
+    setup_trainable(model, "lora", -1, token_rows=rows)
+    tied = family == "qwen2"
+    out = model.model.embed_tokens if tied else model.lm_head
+    mlx_lm_class = type(out).__bases__[1]
+    for i, name in enumerate(("lora_a", "lora_b")):  # as after some training
+        out[name] = mx.random.normal(out[name].shape, key=mx.random.key(i)) * out._row_masks.get(name, 1)
+    x = mx.random.normal((2, 5, hf_config["hidden_size"]), key=mx.random.key(9))
+    w = mx.random.normal((2, 5, out._row_masks["lora_a" if tied else "lora_b"].size), key=mx.random.key(4))
+
+    def loss(module, restricted):
+        f = type(module) if restricted else mlx_lm_class
+        y = f.as_linear(module, x) if tied else f.__call__(module, x)
+        return (y * w).sum()
+
+    (got, g), (want, h) = (nn.value_and_grad(out, loss)(out, r) for r in (True, False))
+    np.testing.assert_allclose(got.item(), want.item(), rtol=1e-5)
+    g, h = dict(tree_flatten(g)), dict(tree_flatten(h))
+    base = np.ones(out._row_masks["lora_a" if tied else "lora_b"].size, bool)
+    base[rows] = False
+    name = "lora_a" if tied else "lora_b"
+    ours, theirs = np.array(g[name]), np.array(h[name])
+    ours, theirs = (ours, theirs) if tied else (ours.T, theirs.T)
+    assert np.all(ours[base] == 0) and np.abs(ours[rows]).max() > 0
+    np.testing.assert_allclose(ours[rows], theirs[rows], rtol=1e-4, atol=1e-4)
+    other = "lora_b" if tied else "lora_a"
+    np.testing.assert_allclose(np.array(g[other]), np.array(h[other]), rtol=1e-4, atol=1e-4)
+
+
 def test_memosight_model_keeps_its_configuration(tmp_path):
     path = make_base_model(tmp_path / "base", "qwen2")
     model, tok, hf_config, _ = load_base(path)

@@ -5,8 +5,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..datasets import batch_arrays, num_targets
-from ..layout import attention_mask
 from ..model import forward, lm_head
+from .attention import training_mask
 
 def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visible_until,
                    rows, targets, weights, real_tokens):
@@ -17,14 +17,15 @@ def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visibl
     ``weights`` (its stream's loss weight over its stream's target count,
     with the factors the trainer expects, see :class:`BatchIterator`).
 
-    The mask is materialised here rather than passed in compact form: the
-    compact form goes to the decoder's attention kernels, which have no
-    gradient; a boolean mask goes to ``mx.fast.scaled_dot_product_attention``.
+    Short sequences attend with the materialised mask (one
+    ``mx.fast.scaled_dot_product_attention`` call); longer ones with
+    :func:`attention.blockwise_attention`, whose memory grows linearly with
+    the length (:func:`attention.training_mask`).
 
     Returns:
         ``(loss, real_tokens)``.
     """
-    mask = attention_mask(query_slot, query_limit, key_visible_until, xp=mx)
+    mask = training_mask(query_slot, query_limit, key_visible_until)
     h = forward(model, inputs, positions, mask, hidden=True)
     h = mx.take_along_axis(h, rows[..., None], axis=1)
     ce = nn.losses.cross_entropy(lm_head(model, h), targets)

@@ -1,0 +1,125 @@
+"""MemoSight-masked attention for training in blocks of queries: memory linear in
+the sequence length instead of quadratic.
+
+With a mask array, ``mx.fast.scaled_dot_product_attention``'s gradient is
+computed from the whole ``(heads, L, L)`` score matrix, kept for the backward
+pass in every layer (on the CPU its forward does the same; mlx-lm's LoRA with a
+causal mask gets a fused kernel on Apple GPUs). At 4k content tokens (about 8k
+with foresight tokens) that is gigabytes per layer. Here the forward pass runs
+one block of queries at a time against the keys it can see, keeping only the
+output, and the backward pass recomputes each block's probabilities
+(``mx.custom_function`` with its own VJP), as flash attention does: the largest
+temporary is one block's ``(heads, block, L)`` scores.
+
+Training samples are causal sequences (SPEC section 2: a token's own slot is
+its index and its limit the next index), so a query block ``[i, j)`` attends to
+keys ``[0, j)`` only; :func:`blockwise_attention` relies on that and
+:func:`layout.check_causal` (run on every training batch) checks it.
+"""
+
+from functools import lru_cache
+from typing import Optional
+
+import mlx.core as mx
+
+from .. import kernels
+from ..layout import attention_mask
+
+QUERY_BLOCK = 256  # queries per block at most
+BLOCK_SCORES = 1 << 20  # and at most this many scores per head and block (fewer queries past 4k keys)
+BLOCKWISE_FROM = 1024  # sequences longer than this train with blockwise attention
+
+
+def _blocks(length: int, block: int):
+    return [(i, min(i + block, length)) for i in range(0, length, block)]
+
+
+def _probabilities(q, k, scale, query_slot, query_limit, key_visible_until, i, j):
+    """Softmax over keys ``[0, j)`` of queries ``[i, j)``, float32, ``(B, Hkv, r, j - i, j)``."""
+    mask = attention_mask(query_slot[:, i:j], query_limit[:, i:j], key_visible_until[:, :j], xp=mx)
+    s = (q[..., i:j, :] * scale) @ k[..., :j, :].swapaxes(-1, -2)
+    s = mx.where(mask[:, None, None], s.astype(mx.float32), -mx.inf)
+    return mx.softmax(s, axis=-1)
+
+
+def _grouped(q, k, v):
+    """``(B, H, L, D)`` queries as ``(B, Hkv, H / Hkv, L, D)`` beside ``(B, Hkv, 1, L, D)`` keys and values."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    return q.reshape(B, Hkv, H // Hkv, L, D), k[:, :, None], v[:, :, None]
+
+
+@lru_cache(maxsize=None)
+def _attention_fn(scale: float, block: int):
+    @mx.custom_function
+    def attend(q, k, v, query_slot, query_limit, key_visible_until):
+        qg, kg, vg = _grouped(q, k, v)
+        out = []
+        for i, j in _blocks(q.shape[2], block):
+            p = _probabilities(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j)
+            out.append(p.astype(v.dtype) @ vg[..., :j, :])
+        return mx.concatenate(out, axis=3).reshape(q.shape)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangent, output):
+        q, k, v, query_slot, query_limit, key_visible_until = primals
+        qg, kg, vg = _grouped(q, k, v)
+        dog = cotangent.reshape(qg.shape)
+        og = output.reshape(qg.shape)
+        L = q.shape[2]
+        dq, dk, dv = [], 0, 0
+        for i, j in _blocks(L, block):
+            p = _probabilities(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j)
+            do = dog[..., i:j, :]
+            dp = (do @ vg[..., :j, :].swapaxes(-1, -2)).astype(mx.float32)
+            delta = (do.astype(mx.float32) * og[..., i:j, :].astype(mx.float32)).sum(-1, keepdims=True)
+            ds = (p * (dp - delta)).astype(q.dtype)
+            dq.append((ds @ kg[..., :j, :]) * scale)
+            pad = [(0, 0), (0, 0), (0, L - j), (0, 0)]  # dK, dV of keys [0, j) summed in float32
+            dk = dk + mx.pad(((ds.swapaxes(-1, -2) @ qg[..., i:j, :]) * scale).astype(mx.float32).sum(2), pad)
+            dv = dv + mx.pad((p.astype(v.dtype).swapaxes(-1, -2) @ do).astype(mx.float32).sum(2), pad)
+        dq = mx.concatenate(dq, axis=3).reshape(q.shape)
+        return (dq, dk.astype(k.dtype), dv.astype(v.dtype), mx.zeros_like(query_slot),
+                mx.zeros_like(query_limit), mx.zeros_like(key_visible_until))
+
+    return attend
+
+
+def query_block(length: int) -> int:
+    """Queries per block for a sequence of ``length``: 256, down to 64 for long sequences."""
+    return min(QUERY_BLOCK, max(64, BLOCK_SCORES // max(length, 1)))
+
+
+def blockwise_attention(queries, keys, values, scale: float, query_slot, query_limit, key_visible_until,
+                        block: Optional[int] = None) -> mx.array:
+    """MemoSight-masked attention of a causal training sequence, ``block``
+    queries at a time, differentiable with memory linear in the length.
+
+    ``queries`` ``(B, H, L, D)``, ``keys`` / ``values`` ``(B, Hkv, L, D)``
+    (grouped-query attention when ``Hkv < H``); the rule arrays are ``(B, L)``.
+    """
+    block = block or query_block(queries.shape[2])
+    return _attention_fn(float(scale), int(block))(
+        queries, keys, values, query_slot, query_limit, key_visible_until)
+
+
+class BlockwiseMask(kernels.CompactMask):
+    """The training rule passed through mlx-lm's attention: attention with it
+    runs :func:`blockwise_attention` instead of a mask array."""
+
+    def __init__(self, query_slot, query_limit, key_visible_until, block: Optional[int] = None):
+        super().__init__(query_slot, query_limit, key_visible_until)
+        self.block = block
+
+    def attend(self, queries, keys, values, scale):
+        return blockwise_attention(queries, keys, values, scale, self.query_slot, self.query_limit,
+                                   self.key_visible_until, self.block)
+
+
+def training_mask(query_slot, query_limit, key_visible_until):
+    """The mask one training micro-batch runs with: a boolean array for short
+    sequences (one fused attention call), blockwise attention past
+    :data:`BLOCKWISE_FROM` tokens."""
+    if query_slot.shape[-1] > BLOCKWISE_FROM:
+        return BlockwiseMask(query_slot, query_limit, key_visible_until)
+    return attention_mask(query_slot, query_limit, key_visible_until, xp=mx)

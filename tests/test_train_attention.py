@@ -1,0 +1,117 @@
+"""Blockwise training attention (train/attention.py) against
+``mx.fast.scaled_dot_product_attention`` with the materialised mask: values
+and gradients, grouped-query heads, padding rows, under ``mx.compile`` as
+mlx-lm's trainer runs it."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_memosight.layout import NEVER, attention_mask, check_causal
+from mlx_memosight.train import attention as blockwise
+
+
+def causal_rule(B, L, seed=0):
+    """Causal training rules with hidden keys (finished steps, foresight keys)
+    and right padding that copies the last real query, as collate() does."""
+    rng = np.random.default_rng(seed)
+    slot = np.tile(np.arange(L, dtype=np.int32), (B, 1))
+    limit = slot + 1
+    until = np.full((B, L), NEVER, np.int32)
+    for b in range(B):
+        for _ in range(6):
+            a = int(rng.integers(0, L - 10))
+            until[b, a: a + int(rng.integers(1, 8))] = a + int(rng.integers(8, 30))
+        for f in rng.choice(L, size=L // 8, replace=False):
+            until[b, f] = f + 1  # a foresight key: visible to itself only
+    if B > 1:  # the second row is padded
+        n = L - 9
+        slot[1, n:] = n - 1
+        limit[1, n:] = n
+        until[1, n:] = 0
+    return tuple(mx.array(a) for a in (slot, limit, until))
+
+
+def qkv(B, H, Hkv, L, D, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return tuple(mx.array(rng.standard_normal(s).astype(np.float32)).astype(dtype)
+                 for s in ((B, H, L, D), (B, Hkv, L, D), (B, Hkv, L, D)))
+
+
+def reference(q, k, v, scale, rule):
+    mask = attention_mask(*rule, xp=mx)[:, None]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def losses(rule, block, weight):
+    def ref(q, k, v):
+        return (reference(q, k, v, 0.3, rule).astype(mx.float32) * weight).sum()
+
+    def new(q, k, v):
+        return (blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block).astype(mx.float32) * weight).sum()
+
+    return ref, new
+
+
+@pytest.mark.parametrize("block", [7, 32, 64, 200])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (7, 1)])
+def test_values_and_gradients_equal_the_masked_reference(block, heads):
+    B, L, D = 2, 97, 16
+    rule = causal_rule(B, L)
+    check_causal(np.array(rule[0]), np.array(rule[1]))
+    q, k, v = qkv(B, heads[0], heads[1], L, D, mx.float32)
+    weight = mx.random.normal(q.shape, key=mx.random.key(3))
+    ref, new = losses(rule, block, weight)
+    np.testing.assert_allclose(np.array(blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block)),
+                               np.array(reference(q, k, v, 0.3, rule)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(new(q, k, v).item(), ref(q, k, v).item(), rtol=1e-5)
+    for a, b in zip(mx.grad(ref, argnums=(0, 1, 2))(q, k, v), mx.grad(new, argnums=(0, 1, 2))(q, k, v)):
+        scale = np.abs(np.array(a)).max()
+        assert scale > 0
+        np.testing.assert_allclose(np.array(b) / scale, np.array(a) / scale, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_stays_within_rounding(dtype):
+    B, L, D = 2, 80, 32
+    rule = causal_rule(B, L, seed=4)
+    q, k, v = qkv(B, 4, 2, L, D, dtype)
+    weight = mx.random.normal(q.shape, key=mx.random.key(5))
+    ref, new = losses(rule, 16, weight)
+    for a, b in zip(mx.grad(ref, argnums=(0, 1, 2))(q, k, v), mx.grad(new, argnums=(0, 1, 2))(q, k, v)):
+        a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        assert b.dtype == a.dtype
+        np.testing.assert_allclose(b / np.abs(a).max(), a / np.abs(a).max(), atol=2e-2, rtol=0)
+
+
+def test_compiled_value_and_grad_equals_the_reference():
+    """mlx-lm's trainer compiles its step: the block structure depends on
+    shapes only, so the compiled function traces and matches."""
+    B, L, D = 2, 64, 16
+    rule = causal_rule(B, L, seed=6)
+    q, k, v = qkv(B, 6, 3, L, D, mx.float32, seed=7)
+    weight = mx.random.normal(q.shape, key=mx.random.key(8))
+    ref, new = losses(rule, 24, weight)
+    want = mx.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v)
+    got = mx.compile(mx.value_and_grad(new, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-5)
+    for a, b in zip(want[1], got[1]):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=0)
+
+
+def test_long_sequences_train_blockwise():
+    short = causal_rule(1, blockwise.BLOCKWISE_FROM)
+    long = causal_rule(2, blockwise.BLOCKWISE_FROM + 1)
+    assert isinstance(blockwise.training_mask(*short), mx.array)
+    mask = blockwise.training_mask(*long)
+    assert isinstance(mask, blockwise.BlockwiseMask)
+    assert blockwise.query_block(4096) == 256 and blockwise.query_block(16384) == 64
+
+
+def test_a_batch_that_is_not_causal_is_refused():
+    slot = np.arange(6)[None]
+    check_causal(slot, slot + 1)
+    with pytest.raises(ValueError, match="causal"):
+        check_causal(slot, slot + 2)  # each query would see the next token
+    with pytest.raises(ValueError, match="causal"):
+        check_causal(slot[:, ::-1].copy(), slot + 1)
