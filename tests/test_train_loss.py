@@ -73,13 +73,16 @@ def mlx_samples(examples, max_length=None):
 
 @pytest.fixture(params=["mask", "blockwise"])
 def attention(request, monkeypatch):
-    """Each loss test runs with the materialised mask and with blockwise
-    attention (every sequence, blocks of 16 queries)."""
+    """Each loss test runs with the materialised mask and the whole output
+    layer, and with blockwise attention (every sequence, blocks of 16 queries)
+    and the output layer and cross-entropy in checkpointed chunks of 7 rows."""
     if request.param == "blockwise":
         from mlx_memosight.train import attention as blockwise
+        from mlx_memosight.train import loss
 
         monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", 0)
         monkeypatch.setattr(blockwise, "QUERY_BLOCK", 16)
+        monkeypatch.setattr(loss, "LOSS_CHUNK", 7)
     return request.param
 
 

@@ -223,6 +223,25 @@ def test_grad_checkpoint_gives_the_same_curve(trained, tmp_path):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_long_sequence_paths_give_the_same_curve(trained, tmp_path, monkeypatch, fine_tune_type):
+    """Blockwise attention and the chunked output layer (what samples past 1024
+    tokens train with) through mlx-lm's compiled trainer: the same losses as
+    the whole mask and the whole output layer, token rows and grad checkpointing included."""
+    from mlx_memosight.train import attention, loss
+
+    workdir, _ = trained
+    kw = dict(iters=3, grad_checkpoint=True, fine_tune_type=fine_tune_type)
+    _, whole = api_run(workdir, tmp_path / "a", **kw)
+    monkeypatch.setattr(attention, "BLOCKWISE_FROM", 0)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(loss, "LOSS_CHUNK", 24)
+    _, blocks = api_run(workdir, tmp_path / "b", **kw)
+    assert len(whole.train_losses) == 3
+    np.testing.assert_allclose([v for _, v in blocks.train_losses], [v for _, v in whole.train_losses],
+                               rtol=2e-5)
+
+
 def test_interrupt_saves_adapters(trained, tmp_path):
     workdir, _ = trained
 
