@@ -21,11 +21,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from . import cli
 from .errors import MemoSightError
 from .options import GenerationOptions, add_arguments
+
+if TYPE_CHECKING:
+    from .policy import PassCost
 
 
 class BenchError(MemoSightError):
@@ -48,6 +51,7 @@ class Run:
     correct: Optional[bool] = None
     choices: dict = field(default_factory=dict)  # the drafting policy's choices: passes per choice
     cost_source: str = ""
+    pass_tokens: int = 0  # tokens fed over all passes (0: one per pass)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Row:
     name: str
     runs: List[Run] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    cost: Optional["PassCost"] = None  # the model's measured pass cost, for bound()
 
     @property
     def tokens(self) -> int:
@@ -71,6 +76,22 @@ class Row:
         total = sum(counts.values())
         parts = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
         return f"{parts} of passes (a pass token costs {self.runs[-1].cost_source})"
+
+    def bound(self) -> Optional[str]:
+        """The speed-up over plain decoding that this row's passes allow on
+        this machine: tokens per pass over the mean cost of its passes in
+        one-token passes (from the measured pass cost; host work,
+        compaction and prefill left out)."""
+        if self.cost is None:
+            return None
+        passes = sum(r.passes for r in self.runs)
+        fed = sum(r.pass_tokens or r.passes for r in self.runs)
+        if not passes:
+            return None
+        per_pass = (passes + self.cost.per_token * (fed - passes)) / passes
+        tpp = self.tokens / passes
+        return (f"{tpp:.2f} tokens per pass / {per_pass:.2f} (mean pass cost in one-token passes, "
+                f"{fed / passes:.1f} tokens fed per pass) = {tpp / per_pass:.2f}x plain decoding at most")
 
     @property
     def tps(self) -> float:
@@ -129,7 +150,8 @@ def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
     return Run(tokens, st.generation_time, st.prompt_time, st.forward_passes, st.peak_kv_tokens,
                curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events,
                choices=dict(policy.chosen) if policy else {},
-               cost_source=f"{policy.cost.per_token:.2f}, {policy.cost.source}" if policy else "")
+               cost_source=f"{policy.cost.per_token:.2f}, {policy.cost.source}" if policy else "",
+               pass_tokens=st.pass_tokens)
 
 
 def configurations(cfg, draft_len=None, foresight_sets="auto"):
@@ -225,13 +247,12 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     plain = None
     if plain_model_path is not None:
         plain = load(plain_model_path)
-    if cfg is not None:
-        calibrate(model)  # measured once per model and machine, then read from the cache
+    cost = calibrate(model) if cfg is not None else None  # measured once per model and machine
     configs = configurations(cfg, draft_len, foresight_sets)
     rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
     if plain is not None:
         rows["mlx_lm"].name = "mlx_lm (plain model)"
-    rows.update({name: Row(name, settings=kw) for name, kw in configs.items()})
+    rows.update({name: Row(name, settings=kw, cost=cost) for name, kw in configs.items()})
     iterator = prompts
     if progress:
         from tqdm import tqdm
@@ -526,6 +547,8 @@ def _bench(args):
     print(format_table(summaries, summaries[0]["config"]))  # the mlx_lm row
     if "memosight" in rows and rows["memosight"].drafting():
         print(f"drafting in the memosight row: {rows['memosight'].drafting()}")
+    if "memosight" in rows and rows["memosight"].bound():
+        print(f"bound of the memosight row at this machine's pass cost: {rows['memosight'].bound()}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -536,6 +559,7 @@ def _bench(args):
             device=describe(),
             memosight_settings=settings,
             memosight_drafting=rows["memosight"].drafting() if "memosight" in rows else None,
+            memosight_bound=rows["memosight"].bound() if "memosight" in rows else None,
             rows=summaries,
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
         )

@@ -61,6 +61,7 @@ class GenerationStats:
     generated_tokens: int = 0
     generation_time: float = 0.0
     forward_passes: int = 0
+    pass_tokens: int = 0  # tokens fed to the decoder over all forward passes
     drafted_tokens: int = 0
     accepted_draft_tokens: int = 0
     finish_reason: Optional[str] = None
@@ -301,6 +302,7 @@ class Engine:
         seq.cache.begin_pass(position, None)
         logits = forward(self.model, token.reshape(1, 1), None, cache=seq.cache)
         seq.stats.forward_passes += 1
+        seq.stats.pass_tokens += 1
         seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, seq.cache.length)
         return seq.select(logits[0], at=position + 1)
 
@@ -764,6 +766,7 @@ class Decoding:
     def apply(self, plan: Plan, tokens: List[int]):
         """Take the pass's tokens: commit, trim the cache, evict."""
         self.stats.forward_passes += 1
+        self.stats.pass_tokens += len(plan.p)
         if plan.kind == "compress":
             self._apply_compress(plan, tokens)
         elif plan.kind == "accelerate":

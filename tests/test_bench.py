@@ -25,6 +25,29 @@ def test_bench_rows_and_outputs(reasoner, tmp_path):
     assert f"{kv:.2f}x" in mine
 
 
+def test_bench_bound_counts_the_tokens_each_pass_fed(reasoner):
+    """The bound: tokens per pass over the mean pass cost (``1 + per_token *
+    (k - 1)`` one-token passes for a pass of k tokens). The plain row feeds
+    one token per pass (each answer's first token comes from the prefill,
+    so its bound is tokens / passes whatever a token costs); a row that
+    drafts feeds more."""
+    from mlx_memosight.policy import PassCost
+
+    path, _ = reasoner
+    rows = bench(path, [{"question": "count"}, {"question": "again"}], max_tokens=30, progress=False,
+                 draft_len=2, foresight_sets="all")
+    plain, ms = rows["plain"], rows["memosight"]
+    assert sum(r.pass_tokens for r in plain.runs) == sum(r.passes for r in plain.runs) == plain.tokens - 2
+    passes = sum(r.passes for r in ms.runs)
+    fed = sum(r.pass_tokens for r in ms.runs)
+    assert fed > 2 * passes  # anchor + 2 drafts + foresight sets in most passes
+    for per_token in (0.0, 0.5):
+        ms.cost = plain.cost = PassCost(per_token, "given")
+        want = ms.tokens / passes / ((passes + per_token * (fed - passes)) / passes)
+        assert f"= {want:.2f}x plain decoding" in ms.bound()
+        assert f"= {plain.tokens / (plain.tokens - 2):.2f}x plain decoding" in plain.bound()
+
+
 def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path, capsys):
     path, _ = reasoner
     out = tmp_path / "out"
