@@ -197,10 +197,9 @@ def train_sample(path, content_tokens):
 
     tok = hf_tokenizer(path)
     cfg = MemoSightConfig.load(path)
+    from bench_train import WORDS as words
+
     rng = np.random.default_rng(0)
-    words = ("first we add the numbers then check result carefully so total is apples oranges train speed "
-             "distance time half double remaining each every day week price cost sum difference product ratio "
-             "percent more less than equal gives means after before left right count group share").split()
     steps, n = [], 0
     while n < content_tokens:
         k = int(rng.integers(60, 200))

@@ -7,6 +7,7 @@ import mlx.nn as nn
 from ..datasets import batch_arrays, num_targets
 from ..model import forward, lm_head
 from .attention import training_mask
+from .tokens import _is_tied
 
 LOSS_CHUNK = 1024  # scored rows per chunk of the output layer and cross-entropy
 
@@ -16,38 +17,37 @@ def _rows_loss(model, h, targets, weights):
     return (ce.astype(mx.float32) * weights).sum()
 
 
-def _output_module(model):
-    return model.model.embed_tokens if getattr(model.args, "tie_word_embeddings", False) else model.lm_head
-
-
-def scored_loss(model, h, targets, weights, chunk: int = None):
+def scored_loss(model, h, targets, weights):
     """The weighted cross-entropy of the scored rows' hidden states ``h``.
 
-    Past ``chunk`` rows (default :data:`LOSS_CHUNK`) the output layer and the
+    Past :data:`LOSS_CHUNK` rows the output layer and the
     cross-entropy run a chunk of rows at a time under gradient checkpointing:
     only one chunk's ``(rows, vocabulary)`` logits exist at once, in the
     forward and the backward pass (at 152k tokens of vocabulary, 8k rows of
     float32 logits are 4.9 GB, and their gradient as much again).
     """
-    chunk = chunk or LOSS_CHUNK
+    chunk = LOSS_CHUNK
     R = h.shape[1]
     if R <= chunk:
         return _rows_loss(model, h, targets, weights)
+    out = model.model.embed_tokens if _is_tied(model) else model.lm_head  # the output layer's parameters
     total = 0.0
     for i in range(0, R, chunk):
         t, w = targets[:, i:i + chunk], weights[:, i:i + chunk]  # constants of the chunk: no gradient
-        fn = nn.utils.checkpoint(_output_module(model), lambda h, t=t, w=w: _rows_loss(model, h, t, w))
+        fn = nn.utils.checkpoint(out, lambda h, t=t, w=w: _rows_loss(model, h, t, w))
         total = total + fn(h[:, i:i + chunk])
     return total
+
 
 def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visible_until,
                    rows, targets, weights, real_tokens):
     """SPEC's joint loss of one micro-batch, as mlx-lm's trainer calls it.
 
     The arrays are :func:`datasets.batch_arrays`' tuple. Logits are computed
-    only at the scored rows, in chunks for long samples (:func:`scored_loss`); each row's cross-entropy is weighted by
-    ``weights`` (its stream's loss weight over its stream's target count,
-    with the factors the trainer expects, see :class:`BatchIterator`).
+    only at the scored rows, in chunks for long samples (:func:`scored_loss`);
+    each row's cross-entropy is weighted by ``weights`` (its stream's loss
+    weight over its stream's target count, with the factors the trainer
+    expects, see :class:`BatchIterator`).
 
     Short sequences attend with the materialised mask (one
     ``mx.fast.scaled_dot_product_attention`` call); longer ones with

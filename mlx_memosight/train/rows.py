@@ -66,9 +66,9 @@ def restrict_to_rows(module, token_ids: Sequence[int]):
     is_embedding = "embedding" in module
     if vocab is None:
         vocab = module.lora_a.shape[0] if is_embedding else module.lora_b.shape[1]
-    rows = np.zeros(vocab, bool)
-    rows[np.asarray(token_ids, np.int64)] = True
-    rows = mx.array(rows)
+    chosen = np.zeros(vocab, bool)
+    chosen[np.asarray(token_ids, np.int64)] = True
+    rows = mx.array(chosen)
     masks = {}
     if is_embedding:
         module.lora_a = module.lora_a * rows[:, None]
@@ -82,6 +82,6 @@ def restrict_to_rows(module, token_ids: Sequence[int]):
 
     module.__class__ = _ROW_CLASSES[cls]
     module._row_masks = masks
-    module._row_ids = mx.array(np.nonzero(np.array(rows))[0].astype(np.int32))
+    module._row_ids = mx.array(np.flatnonzero(chosen).astype(np.int32))
     module._row_output = {LoRALinear: "linear", LoRAEmbedding: "embedding"}.get(cls)
     return module
