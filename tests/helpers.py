@@ -283,7 +283,6 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, repetition_p
     negative one) once."""
     import mlx.core as mx
 
-    from mlx_memosight.layout import build_training_sample
     from mlx_memosight.model import forward
 
     ids = cfg.token_ids
@@ -291,16 +290,10 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, repetition_p
     out, finished, open_step = [], [], []
     while len(out) < max_tokens:
         if compress:
-            s = build_training_sample(
-                prompt, finished, ids, cfg.compression_ratio, 0,
-                memory_counts=[cfg.memory_count(len(x)) for x in finished],
-                add_eos=False, foresight=False, open_step=open_step,
-            )
-            logits = forward(model, s.input_ids, s.positions, mx.array(s.mask()), rows=[len(s) - 1])
+            row = _visible_logits(model, cfg, prompt, finished, open_step)
         else:
             seq = list(prompt) + out
-            logits = forward(model, seq, 0, "causal", rows=[len(seq) - 1])
-        row = np.array(logits[0, 0].astype(mx.float32))
+            row = np.array(forward(model, seq, 0, "causal", rows=[len(seq) - 1])[0, 0].astype(mx.float32))
         if repetition_penalty != 1.0:
             for tok in set(prompt) | set(out):
                 if tok not in exempt:
@@ -315,6 +308,32 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, repetition_p
         else:
             open_step.append(t)
     return out
+
+
+def _visible_logits(model, cfg, prompt, finished, open_step):
+    """Logits after the sequence a compressing decoder sees (prompt, each
+    finished step with its memory tokens and continue, the open step),
+    computed from scratch under the layout's mask."""
+    import mlx.core as mx
+
+    from mlx_memosight.layout import build_training_sample
+    from mlx_memosight.model import forward
+
+    s = build_training_sample(
+        prompt, finished, cfg.token_ids, cfg.compression_ratio, 0,
+        memory_counts=[cfg.memory_count(len(x)) for x in finished],
+        add_eos=False, foresight=False, open_step=open_step,
+    )
+    logits = forward(model, s.input_ids, s.positions, mx.array(s.mask()), rows=[len(s) - 1])
+    return np.array(logits[0, 0].astype(mx.float32))
+
+
+def reference_logits(model, cfg, prompt, output):
+    """The no-cache logits after ``prompt`` and the committed ``output``
+    (whose steps end with the splitter) under compression."""
+    steps = split_steps(output, cfg.token_ids.splitter)
+    done = sum(len(s) for s in steps)
+    return _visible_logits(model, cfg, prompt, steps, list(output[done:]))
 
 
 def run_command(main, argv, capsys):
