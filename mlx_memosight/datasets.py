@@ -416,8 +416,12 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
 
     Returns:
         ``(inputs, positions, query_slot, query_limit, key_visible_until,
-        rows, targets, weights, real_tokens)``.
+        rows, targets, weights, real_tokens)``, and for batches long enough
+        to attend blockwise the keys each block of queries can see
+        (:func:`train.attention.visible_keys`).
     """
+    from .train.attention import query_block, uses_blockwise, visible_keys
+
     T = bucket_length(max(len(s) for s in samples))
     b = collate(samples, T, pad_id=pad_id)
     check_causal(b.query_slot, b.query_limit)
@@ -431,6 +435,9 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
         targets[i, : len(r)] = t
         weights[i, : len(r)] = np.where(fs, mtp_scale, lm_scale)
     real = sum(s.num_real_tokens for s in samples)
+    extra = ()
+    if uses_blockwise(T):
+        extra = (mx.array(visible_keys(b.query_slot, b.query_limit, b.key_visible_until, query_block(T))),)
     return (
         mx.array(b.input_ids),
         mx.array(b.positions),
@@ -441,6 +448,7 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
         mx.array(targets),
         mx.array(weights),
         mx.array(real, dtype=mx.int32),
+        *extra,
     )
 
 

@@ -43,27 +43,37 @@ def reference(q, k, v, scale, rule):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def losses(rule, block, weight):
+def key_index(rule, block, gathered):
+    """The batch's visible keys per block (the gathered path), or None."""
+    return mx.array(blockwise.visible_keys(*(np.array(a) for a in rule), block)) if gathered else None
+
+
+def losses(rule, block, weight, gathered=False):
+    index = key_index(rule, block, gathered)
+
     def ref(q, k, v):
         return (reference(q, k, v, 0.3, rule).astype(mx.float32) * weight).sum()
 
     def new(q, k, v):
-        return (blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block).astype(mx.float32) * weight).sum()
+        out = blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block, key_index=index)
+        return (out.astype(mx.float32) * weight).sum()
 
     return ref, new
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
 @pytest.mark.parametrize("block", [7, 32, 64, 200])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (7, 1)])
-def test_values_and_gradients_equal_the_masked_reference(block, heads):
+def test_values_and_gradients_equal_the_masked_reference(block, heads, gathered):
     B, L, D = 2, 97, 16
     rule = causal_rule(B, L)
     check_causal(np.array(rule[0]), np.array(rule[1]))
     q, k, v = qkv(B, heads[0], heads[1], L, D, mx.float32)
     weight = mx.random.normal(q.shape, key=mx.random.key(3))
-    ref, new = losses(rule, block, weight)
-    np.testing.assert_allclose(np.array(blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block)),
-                               np.array(reference(q, k, v, 0.3, rule)), atol=1e-5, rtol=0)
+    ref, new = losses(rule, block, weight, gathered)
+    out = blockwise.blockwise_attention(q, k, v, 0.3, *rule, block=block,
+                                        key_index=key_index(rule, block, gathered))
+    np.testing.assert_allclose(np.array(out), np.array(reference(q, k, v, 0.3, rule)), atol=1e-5, rtol=0)
     np.testing.assert_allclose(new(q, k, v).item(), ref(q, k, v).item(), rtol=1e-5)
     for a, b in zip(mx.grad(ref, argnums=(0, 1, 2))(q, k, v), mx.grad(new, argnums=(0, 1, 2))(q, k, v)):
         scale = np.abs(np.array(a)).max()
@@ -71,32 +81,70 @@ def test_values_and_gradients_equal_the_masked_reference(block, heads):
         np.testing.assert_allclose(np.array(b) / scale, np.array(a) / scale, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_half_precision_stays_within_rounding(dtype):
+def test_half_precision_stays_within_rounding(dtype, gathered):
     B, L, D = 2, 80, 32
     rule = causal_rule(B, L, seed=4)
     q, k, v = qkv(B, 4, 2, L, D, dtype)
     weight = mx.random.normal(q.shape, key=mx.random.key(5))
-    ref, new = losses(rule, 16, weight)
+    ref, new = losses(rule, 16, weight, gathered)
     for a, b in zip(mx.grad(ref, argnums=(0, 1, 2))(q, k, v), mx.grad(new, argnums=(0, 1, 2))(q, k, v)):
         a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
         assert b.dtype == a.dtype
         np.testing.assert_allclose(b / np.abs(a).max(), a / np.abs(a).max(), atol=2e-2, rtol=0)
 
 
-def test_compiled_value_and_grad_equals_the_reference():
+@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
+def test_compiled_value_and_grad_equals_the_reference(gathered):
     """mlx-lm's trainer compiles its step: the block structure depends on
-    shapes only, so the compiled function traces and matches."""
+    shapes only (the visible keys are an input array), so the compiled
+    function traces and matches, also for a second batch of other keys."""
     B, L, D = 2, 64, 16
-    rule = causal_rule(B, L, seed=6)
     q, k, v = qkv(B, 6, 3, L, D, mx.float32, seed=7)
     weight = mx.random.normal(q.shape, key=mx.random.key(8))
-    ref, new = losses(rule, 24, weight)
-    want = mx.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v)
-    got = mx.compile(mx.value_and_grad(new, argnums=(0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-5)
-    for a, b in zip(want[1], got[1]):
-        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=0)
+
+    def attend(q, k, v, slot, limit, until, *index):
+        out = blockwise.blockwise_attention(q, k, v, 0.3, slot, limit, until, block=24,
+                                            key_index=index[0] if index else None)
+        return (out.astype(mx.float32) * weight).sum()
+
+    step = mx.compile(mx.value_and_grad(attend, argnums=(0, 1, 2)))
+    for seed in (6, 9):
+        rule = causal_rule(B, L, seed=seed)
+        index = key_index(rule, 24, gathered)
+        ref, _ = losses(rule, 24, weight)
+        want = mx.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v)
+        got = step(q, k, v, *rule, *([index] if gathered else []))
+        np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-5)
+        for a, b in zip(want[1], got[1]):
+            np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=0)
+
+
+def test_visible_keys_of_a_reasoning_sample():
+    """On a laid-out sample of many steps, each block's gathered keys hold
+    every key the block's queries see, and far fewer than all keys before
+    the block."""
+    from helpers import random_steps, spec_token_ids
+    from mlx_memosight.layout import build_training_sample, collate
+
+    ids = spec_token_ids()
+    rng = np.random.default_rng(0)
+    steps, lens = random_steps(rng, 120, ids, min_len=15, max_len=30)
+    s = build_training_sample(list(range(3, 40)), steps, ids, 12, 2, thought_lens=lens)
+    b = collate([s], len(s))
+    rule = (b.query_slot, b.query_limit, b.key_visible_until)
+    T, block = len(s), 128
+    index = blockwise.visible_keys(*rule, block)
+    assert index.shape[1] % blockwise.KEY_ROUND == 0
+    mask = attention_mask(*rule)[0]
+    scored = 0
+    for n, (i, j) in enumerate(blockwise._blocks(T, block)):
+        keys = index[n][index[n] >= 0]
+        assert np.all(np.diff(keys) > 0)
+        assert set(np.flatnonzero(mask[i:j].any(axis=0))) <= set(keys)
+        scored += len(keys)
+    assert T > 4000 and scored < 0.25 * sum(j for _, j in blockwise._blocks(T, block))
 
 
 def test_long_sequences_train_blockwise():

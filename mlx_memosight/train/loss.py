@@ -40,7 +40,7 @@ def scored_loss(model, h, targets, weights):
 
 
 def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visible_until,
-                   rows, targets, weights, real_tokens):
+                   rows, targets, weights, real_tokens, key_index=None):
     """SPEC's joint loss of one micro-batch, as mlx-lm's trainer calls it.
 
     The arrays are :func:`datasets.batch_arrays`' tuple. Logits are computed
@@ -52,12 +52,13 @@ def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visibl
     Short sequences attend with the materialised mask (one
     ``mx.fast.scaled_dot_product_attention`` call); longer ones with
     :func:`attention.blockwise_attention`, whose memory grows linearly with
-    the length (:func:`attention.training_mask`).
+    the length (:func:`attention.training_mask`), over the keys each block can
+    see when the batch gives ``key_index``.
 
     Returns:
         ``(loss, real_tokens)``.
     """
-    mask = training_mask(query_slot, query_limit, key_visible_until)
+    mask = training_mask(query_slot, query_limit, key_visible_until, key_index)
     h = forward(model, inputs, positions, mask, hidden=True)
     h = mx.take_along_axis(h, rows[..., None], axis=1)
     return scored_loss(model, h, targets, weights), real_tokens
