@@ -67,13 +67,18 @@ CHAT_TEMPLATE = (
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="tiny-reasoner", help="folder for data, tokenizer and the plain model")
-    p.add_argument("--demo-dir", default=str(demo.DEMO_DIR), help="where the MemoSight model goes")
+    p.add_argument("--task", choices=demo.TASKS, default="days",
+                   help="days: the packaged demo model's task; turns: the long-reasoning task (answers of "
+                        "1,400-5,300 tokens)")
+    p.add_argument("--out", default=None, help="folder for data, tokenizer and the plain model "
+                   "(default: tiny-reasoner, or tiny-reasoner-long for --task turns)")
+    p.add_argument("--demo-dir", default=None, help="where the MemoSight model goes (default: "
+                   "mlx_memosight/demo_model, or OUT/memosight for --task turns)")
     p.add_argument("--only", choices=["memosight", "plain"], help="train one model only")
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=10000)
+    p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 1200 (turns)")
     p.add_argument("--valid-examples", type=int, default=64)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--bare-questions", type=float, default=0.2,
@@ -84,16 +89,34 @@ def build_parser():
     p.add_argument("--intermediate-size", type=int, default=384)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--kv-heads", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10000)
+    p.add_argument("--iters", type=int, default=None, help="default: --train-examples")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
+    p.add_argument("--max-position", type=int, default=None,
+                   help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved weights")
     return p
+
+
+# per task: defaults of (--out, --train-examples, --max-position)
+TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048), "turns": ("tiny-reasoner-long", 1200, 8192)}
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    out, examples, max_position = TASK_DEFAULTS[args.task]
+    args.out = args.out or out
+    args.train_examples = args.train_examples or examples
+    args.iters = args.iters or args.train_examples
+    args.max_position = args.max_position or max_position
+    if args.demo_dir is None:
+        args.demo_dir = str(demo.DEMO_DIR) if args.task == "days" else str(Path(args.out) / "memosight")
+    return args
 
 
 class Clock:
@@ -112,9 +135,9 @@ class Clock:
 
 
 def write_data(out: Path, args):
-    train_p = demo.problems("train", args.train_examples, args.seed)
-    valid_p = demo.problems("valid", args.valid_examples, args.seed)
-    held = demo.problems("heldout", args.heldout, args.seed)
+    train_p = demo.problems("train", args.train_examples, args.seed, args.task)
+    valid_p = demo.problems("valid", args.valid_examples, args.seed, args.task)
+    held = demo.problems("heldout", args.heldout, args.seed, args.task)
     train_q, valid_q = questions(train_p, args.bare_questions), questions(valid_p, 0.0)
     demo.write_jsonl(out / "data" / "train.jsonl", [p.training_record(q) for p, q in zip(train_p, train_q)])
     demo.write_jsonl(out / "data" / "valid.jsonl", [p.training_record(q) for p, q in zip(valid_p, valid_q)])
@@ -168,7 +191,7 @@ def fresh_model(tokenizer, args):
         num_key_value_heads=args.kv_heads,
         rms_norm_eps=1e-5,
         vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+        max_position_embeddings=args.max_position,
         rope_theta=10000.0,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -206,9 +229,14 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
     train_set, valid_set = dataset("train"), dataset("valid")
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     real = train_set.num_real_tokens
+    longest = max(len(s) for s in train_set.samples)
     print(f"{kind}: {n_params / 1e6:.2f}M parameters, {len(train_set)} examples, "
           f"{real / len(train_set):.0f} real tokens per example "
-          f"({sum(len(s) for s in train_set.samples) / len(train_set):.0f} laid out)", flush=True)
+          f"({sum(len(s) for s in train_set.samples) / len(train_set):.0f} laid out, at most {longest})",
+          flush=True)
+    last = max(int(s.positions.max()) for s in train_set.samples)
+    if last >= args.max_position:
+        sys.exit(f"--max-position {args.max_position} is too small: a training sample reaches position {last}")
     options = TrainingOptions(
         fine_tune_type="full", num_layers=-1, optimizer="adamw",
         optimizer_config=dict(weight_decay=0.01),
@@ -217,7 +245,7 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
                          warmup=args.warmup),
         batch_size=args.batch_size, iters=args.iters, val_batches=1,
         steps_per_report=max(1, args.iters // 20), steps_per_eval=args.iters, save_every=10 ** 9,
-        max_seq_length=4096, seed=args.seed,
+        max_seq_length=max(4096, longest), seed=args.seed,
     )
     report = train(model, tokenizer, train_set, valid_set, options,
                    adapter_path=out / f".{kind}-checkpoints")
@@ -261,7 +289,7 @@ def run_parallel(kinds, argv, out: Path, clock: Clock):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()

@@ -1,15 +1,26 @@
-"""The packaged demo model and the synthetic task it was trained on.
+"""The packaged demo model and the synthetic tasks it and the long-reasoning
+model are trained on.
 
-The task: word problems about a count that changes by the same amount every
-day. The solution has one step per day (so 11 to 15 steps separated by blank
-lines), each restating the count and working out the next one, and ends with
-the answer in ``\\boxed{}``; a finished step can then be compressed into a
-couple of memory tokens, and the templated wording is easy to draft. The
-question is short and the reasoning long, which is where MemoSight's KV
-savings show. Counts and days have two digits, so every step has the same
-layout. Problems are drawn from a seeded generator; the split of a problem
-(train, valid or held-out) is a hash of its question, so the splits never
-overlap whatever their sizes.
+``days`` (the demo model's): word problems about a count that changes by the
+same amount every day. The solution has one step per day (so 11 to 15 steps
+separated by blank lines), each restating the count and working out the next
+one, and ends with the answer in ``\\boxed{}``; a finished step can then be
+compressed into a couple of memory tokens, and the templated wording is easy
+to draft. The question is short and the reasoning long, which is where
+MemoSight's KV savings show. Counts and days have two digits, so every step
+has the same layout.
+
+``turns`` (long reasoning): a dial of 100 positions is turned forward by the
+same amount many times (64 to 240 turns, so answers of about 1,500 to 5,800
+tokens), one step per turn: ``Turn 011: Mia moves it 7, so 95 + 7 = 2.``.
+Each step needs only the question and the previous step's result, so once a
+step is compressed its memory tokens must carry the dial's value and the turn
+number; nothing else of the past is needed, which is the situation MemoSight
+is built for.
+
+Problems are drawn from a seeded generator; the split of a problem (train,
+valid or held-out) is a hash of its question, so the splits never overlap
+whatever their sizes.
 """
 
 import hashlib
@@ -27,6 +38,9 @@ KIND = "gsm8k"  # scored as a number, like GSM8K
 SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
 MIN_COUNT, MAX_COUNT = 10, 99
+MIN_TURNS, MAX_TURNS = 64, 240
+DIAL = 100  # the dial shows 0 .. 99
+TASKS = ("days", "turns")
 
 NAMES = [
     ("Mia", "she"), ("Sam", "he"), ("Ava", "she"), ("Leo", "he"), ("Zoe", "she"),
@@ -99,26 +113,52 @@ def make_problem(rng: np.random.Generator) -> Problem:
     return Problem(question, thoughts, counts[-1], counts)
 
 
+def make_turns_problem(rng: np.random.Generator) -> Problem:
+    """Draw one long problem: a dial turned forward ``MIN_TURNS`` to
+    ``MAX_TURNS`` times."""
+    name, pron = NAMES[rng.integers(len(NAMES))]
+    start = int(rng.integers(DIAL))
+    n = int(rng.integers(3, 10))
+    turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
+    counts = [(start + n * t) % DIAL for t in range(turns + 1)]
+    question = (
+        f"{name}'s dial shows {start}. Every turn {pron} moves it {n} forward, and after "
+        f"{DIAL - 1} it goes on from 0. What does it show after {turns} turns?"
+    )
+    thoughts = [
+        f"Turn {t:03d}: {name} moves it {n}, so {counts[t - 1]} + {n} = {counts[t]}."
+        for t in range(1, turns + 1)
+    ]
+    thoughts.append(f"After {turns} turns the dial shows \\boxed{{{counts[-1]}}}.")
+    return Problem(question, thoughts, counts[-1], counts)
+
+
+MAKERS = {"days": make_problem, "turns": make_turns_problem}
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to: 10% held-out, 5% valid, the rest train."""
     bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 100
     return "heldout" if bucket < 10 else ("valid" if bucket < 15 else "train")
 
 
-def problems(split: str, n: int, seed: int = 0) -> List[Problem]:
+def problems(split: str, n: int, seed: int = 0, task: str = "days") -> List[Problem]:
     """``n`` distinct problems of one split, the same for the same ``seed``.
 
     Args:
         split: ``train``, ``valid`` or ``heldout``.
         n: how many.
         seed: seeds the generator (each split draws from its own stream).
+        task: ``days`` (the demo model's) or ``turns`` (long reasoning).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if task not in MAKERS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     out, seen = [], set()
     while len(out) < n:
-        p = make_problem(rng)
+        p = MAKERS[task](rng)
         if p.question in seen or split_of(p.question) != split:
             continue
         seen.add(p.question)
@@ -126,9 +166,9 @@ def problems(split: str, n: int, seed: int = 0) -> List[Problem]:
     return out
 
 
-def heldout_items(n: int = 200, seed: int = 0) -> List[dict]:
+def heldout_items(n: int = 200, seed: int = 0, task: str = "days") -> List[dict]:
     """The held-out eval items (``question``, ``answer``, ``kind``)."""
-    return [p.eval_item() for p in problems("heldout", n, seed)]
+    return [p.eval_item() for p in problems("heldout", n, seed, task)]
 
 
 def write_jsonl(path, rows) -> Path:
@@ -157,10 +197,12 @@ def main(argv=None):
     p.add_argument("--split", choices=SPLITS, default="heldout")
     p.add_argument("-n", type=int, default=200, help="number of problems")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=TASKS, default="days",
+                   help="days: the demo model's task; turns: the long-reasoning task")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be at least 1, got {args.n}")
-    path = write_jsonl(args.file, [q.eval_item() for q in problems(args.split, args.n, args.seed)])
+    path = write_jsonl(args.file, [q.eval_item() for q in problems(args.split, args.n, args.seed, args.task)])
     print(f"wrote {args.n} {args.split} problems to {path}")
 
 

@@ -85,3 +85,43 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
     assert len(items) == 7 and items[0]["kind"] == "gsm8k"
     with pytest.raises(SystemExit):
         demo.main([str(tmp_path / "x.jsonl"), "-n", "0"])
+
+
+TURNS_QUESTION = re.compile(
+    r"(\w+)'s dial shows (\d+)\. Every turn (he|she) moves it (\d) forward, and after 99 it goes on "
+    r"from 0\. What does it show after (\d+) turns\?"
+)
+TURN = re.compile(r"Turn (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+
+
+def test_long_task_answers_and_steps_are_right():
+    """The long-reasoning task: one step per turn of a 100-position dial."""
+    ps = demo.problems("heldout", 100, task="turns")
+    assert ps != demo.problems("heldout", 100)
+    assert all(demo.split_of(p.question) == "heldout" for p in ps)
+    turn_counts = []
+    for p in ps:
+        m = TURNS_QUESTION.fullmatch(p.question)
+        assert m, p.question
+        value, n, turns = int(m[2]), int(m[4]), int(m[5])
+        turn_counts.append(turns)
+        assert len(p.thoughts) == turns + 1
+        for t, step in enumerate(p.thoughts[:-1], 1):
+            s = TURN.fullmatch(step)
+            assert s, step
+            assert int(s[1]) == t and s[2] == m[1] and int(s[3]) == int(s[5]) == n
+            assert int(s[4]) == value and int(s[6]) == (value + n) % 100
+            value = int(s[6])
+        assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
+        assert split_steps(p.solution) == p.thoughts
+        assert score(p.solution, p.eval_item())
+    assert demo.MIN_TURNS <= min(turn_counts) < 100 and 200 < max(turn_counts) <= demo.MAX_TURNS
+    with pytest.raises(ValueError, match="task must be one of days, turns"):
+        demo.problems("heldout", 1, task="weeks")
+
+
+def test_long_task_heldout_file(tmp_path):
+    path = tmp_path / "long.jsonl"
+    demo.main([str(path), "-n", "3", "--task", "turns"])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == demo.heldout_items(3, task="turns") and "dial" in rows[0]["question"]
