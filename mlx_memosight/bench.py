@@ -52,6 +52,11 @@ class Run:
     choices: dict = field(default_factory=dict)  # the drafting policy's choices: passes per choice
     cost_source: str = ""
     pass_tokens: int = 0  # tokens fed over all passes (0: one per pass)
+    times: List[float] = field(default_factory=list)  # per token, seconds after the first token
+
+
+WINDOW = 256  # generated tokens per point of the speed-against-length curve
+TAIL = 1000  # the speed of long answers is also given over their last this many tokens
 
 
 @dataclass
@@ -93,6 +98,28 @@ class Row:
         return (f"{tpp:.2f} tokens per pass / {per_pass:.2f} (mean pass cost in one-token passes, "
                 f"{fed / passes:.1f} tokens fed per pass) = {tpp / per_pass:.2f}x plain decoding at most")
 
+    def speed_by_length(self, window: Optional[int] = None) -> List[Optional[float]]:
+        """Tokens/s per window of generated tokens (tokens ``[k w + 1, (k +
+        1) w]`` after the first, which prefill gives), over all answers that
+        fill the window; one value per window the longest answer fills
+        (``window``: :data:`WINDOW` by default)."""
+        window = window or WINDOW
+        out = []
+        for k in range(max((len(r.times) - 1) // window for r in self.runs)):
+            a, b = k * window, (k + 1) * window
+            seconds = sum(r.times[b] - r.times[a] for r in self.runs if len(r.times) > b)
+            n = window * sum(len(r.times) > b for r in self.runs)
+            out.append(n / seconds if seconds > 0 else None)
+        return out
+
+    def tail_speed(self, n: Optional[int] = None) -> Optional[float]:
+        """Tokens/s over the last ``n`` (:data:`TAIL`) tokens of the answers
+        longer than ``n``, all together; None if there are none."""
+        n = n or TAIL
+        long = [r for r in self.runs if len(r.times) > n]
+        seconds = sum(r.times[-1] - r.times[-1 - n] for r in long)
+        return n * len(long) / seconds if long and seconds > 0 else None
+
     @property
     def tps(self) -> float:
         """Generated tokens over generation time, all prompts together."""
@@ -114,6 +141,7 @@ class Row:
             accepted_draft_tokens=sum(r.accepted for r in runs),
             compress_events=sum(r.compress_events for r in runs),
             accuracy=(sum(known) / len(known)) if known else None,
+            tail_tokens_per_second=self.tail_speed(),
         )
 
 
@@ -122,36 +150,42 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens, stop_ids) -> Run:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    tokens = []
+    tokens, times = [], []
     tic = time.perf_counter()
     first = None
     for t, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+        now = time.perf_counter()
         if first is None:
-            first = time.perf_counter()
+            first = now
         tokens.append(int(t))
+        times.append(now - first)
         if int(t) in stop_ids:
             break
     end = time.perf_counter()
     P = len(ids)
     return Run(tokens, end - first, first - tic, len(tokens), P + len(tokens) - 1,
-               [P + i for i in range(len(tokens))])
+               [P + i for i in range(len(tokens))], times=times)
 
 
 def run_engine(model, tokenizer, ids, max_tokens, **kw) -> Run:
     from .generation import make_engine
 
     engine = make_engine(model, tokenizer, model.memosight_config, **kw)
-    tokens, curve = [], []
+    tokens, curve, times = [], [], []
+    first = None
     for ev in engine.generate(ids, max_tokens):
+        now = time.perf_counter()
+        first = now if first is None else first
         tokens.append(ev.token)
         curve.append(ev.kv_entries)
+        times.append(now - first)
     st = engine.stats
     policy = engine.policy
     return Run(tokens, st.generation_time, st.prompt_time, st.forward_passes, st.peak_kv_tokens,
                curve, st.drafted_tokens, st.accepted_draft_tokens, st.compress_events,
                choices=dict(policy.chosen) if policy else {},
                cost_source=f"{policy.cost.per_token:.2f}, {policy.cost.source}" if policy else "",
-               pass_tokens=st.pass_tokens)
+               pass_tokens=st.pass_tokens, times=times)
 
 
 def configurations(cfg, draft_len=None, foresight_sets="auto"):
@@ -188,6 +222,32 @@ def format_table(rows: List[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
+    """Tokens/s per window of :data:`WINDOW` generated tokens, one column per
+    row, and each row's speed over the last :data:`TAIL` tokens of long
+    answers against the first row's; None unless some answer fills two
+    windows."""
+    window, tail = WINDOW, TAIL
+    curves = {name: row.speed_by_length(window) for name, row in rows.items()}
+    n = max(len(c) for c in curves.values())
+    if n < 2:
+        return None
+    names = list(rows)
+    width = max(14, *(len(x) + 2 for x in names))
+    lines = [f"tokens/s by generated length (windows of {window} tokens, over the answers that reach them):",
+             f"{'tokens':<14}" + "".join(f"{x:>{width}}" for x in names)]
+    for k in range(n):
+        cells = [curves[x][k] if k < len(curves[x]) else None for x in names]
+        lines.append(f"{f'{k * window + 1}-{(k + 1) * window}':<14}"
+                     + "".join(f"{'-' if c is None else f'{c:.1f}':>{width}}" for c in cells))
+    tails = {x: rows[x].tail_speed(tail) for x in names}
+    base = tails[names[0]]
+    if base:
+        parts = [f"{x} {t:.1f} ({t / base:.2f}x)" for x, t in tails.items() if t]
+        lines.append(f"last {tail} tokens of answers longer than that: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
     try:
         import matplotlib
@@ -221,6 +281,20 @@ def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
     paths.append(out_dir / "tokens_per_second.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+    curves = {name: row.speed_by_length() for name, row in rows.items()}
+    if max(len(c) for c in curves.values()) >= 2:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, c in curves.items():
+            ax.plot([(k + 1) * WINDOW for k in range(len(c))], [float("nan") if x is None else x for x in c],
+                    marker=".", label=name)
+        ax.set_xlabel(f"generated tokens (end of each window of {WINDOW})")
+        ax.set_ylabel("tokens / s in the window")
+        ax.set_title("Decoding speed against generated length")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "speed_by_length.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
@@ -549,6 +623,9 @@ def _bench(args):
         print(f"drafting in the memosight row: {rows['memosight'].drafting()}")
     if "memosight" in rows and rows["memosight"].bound():
         print(f"bound of the memosight row at this machine's pass cost: {rows['memosight'].bound()}")
+    by_length = format_speed_by_length(rows)
+    if by_length:
+        print(by_length)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -562,6 +639,8 @@ def _bench(args):
             memosight_bound=rows["memosight"].bound() if "memosight" in rows else None,
             rows=summaries,
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
+            speed_window=WINDOW,
+            speed_by_length={name: row.speed_by_length() for name, row in rows.items()},
         )
         (out / "summary.json").write_text(json.dumps(payload, indent=2))
         for path in write_plots(rows, out):

@@ -91,3 +91,49 @@ def test_bench_batched(tmp_path, capsys):
     assert [r["batch_size"] for r in d["batched"]] == [2, 2]
     code, _, stderr = run_command(main, ["--prompt", "hi", "--batch-size", "0"], capsys)
     assert code == 1 and "--batch-size must be between 1 and 256" in stderr
+
+
+def test_speed_against_generated_length():
+    """Windows of generated tokens after the first (which prefill gives):
+    tokens over the seconds they took, over the answers that fill them; the
+    tail speed over the last TAIL tokens of answers longer than that."""
+    from mlx_memosight import bench as b
+
+    def run(times):
+        return b.Run(list(range(len(times))), times[-1], 0.0, len(times), 1, [], times=times)
+
+    # one answer of 9 tokens at 1 s per token, one of 5 tokens at 0.5 s per token
+    row = b.Row("x", runs=[run([float(i) for i in range(9)]), run([0.5 * i for i in range(5)])])
+    assert row.speed_by_length(4) == [8 / 6, 4 / 4]  # window 1: both answers; window 2: the first only
+    assert row.speed_by_length(3) == [6 / 4.5, 3 / 3]
+    assert row.tail_speed(3) == 6 / 4.5 and row.tail_speed(5) == 5 / 5 and row.tail_speed(9) is None
+    fast = b.Row("y", runs=[run([0.25 * i for i in range(9)])])
+    old = b.WINDOW, b.TAIL
+    try:
+        b.WINDOW, b.TAIL = 4, 5
+        text = b.format_speed_by_length({"x": row, "y": fast})
+        lines = text.splitlines()
+        assert lines[2].split() == ["1-4", "1.3", "4.0"] and lines[3].split() == ["5-8", "1.0", "4.0"]
+        assert "x 1.0 (1.00x), y 4.0 (4.00x)" in lines[-1]
+        b.WINDOW = 8
+        assert b.format_speed_by_length({"x": row}) is None  # no answer fills two windows
+    finally:
+        b.WINDOW, b.TAIL = old
+
+
+def test_bench_cli_prints_and_plots_speed_by_length(reasoner, tmp_path, capsys, monkeypatch):
+    from mlx_memosight import bench as b
+
+    monkeypatch.setattr(b, "WINDOW", 8)
+    monkeypatch.setattr(b, "TAIL", 12)
+    path, _ = reasoner
+    out = tmp_path / "out"
+    code, stdout, stderr = run_command(main, ["--model", path, "--prompt", "go", "--max-tokens", "30",
+                                              "--out", out], capsys)
+    assert code == 0, stderr
+    assert "tokens/s by generated length (windows of 8 tokens" in stdout
+    assert "last 12 tokens of answers longer than that: mlx_lm" in stdout
+    d = json.loads((out / "summary.json").read_text())
+    assert d["speed_window"] == 8 and len(d["speed_by_length"]["memosight"]) >= 2
+    assert all(r["tail_tokens_per_second"] > 0 for r in d["rows"])
+    assert (out / "speed_by_length.png").stat().st_size > 1000
