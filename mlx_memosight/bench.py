@@ -65,6 +65,7 @@ class Row:
     runs: List[Run] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     cost: Optional["PassCost"] = None  # the model's measured pass cost, for bound()
+    attention: Dict[int, float] = field(default_factory=dict)  # KV entries -> attention's share of a pass
 
     @property
     def tokens(self) -> int:
@@ -110,6 +111,17 @@ class Row:
             seconds = sum(r.times[b] - r.times[a] for r in self.runs if len(r.times) > b)
             n = window * sum(len(r.times) > b for r in self.runs)
             out.append(n / seconds if seconds > 0 else None)
+        return out
+
+    def kv_by_length(self, window: Optional[int] = None) -> List[Optional[float]]:
+        """Mean KV entries at the end of each window of generated tokens,
+        over the answers that fill it (as :meth:`speed_by_length`)."""
+        window = window or WINDOW
+        out = []
+        for k in range(max((len(r.times) - 1) // window for r in self.runs)):
+            b = (k + 1) * window
+            held = [r.kv_curve[b] for r in self.runs if len(r.kv_curve) > b]
+            out.append(statistics.mean(held) if held else None)
         return out
 
     def tail_speed(self, n: Optional[int] = None) -> Optional[float]:
@@ -245,7 +257,40 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
     if base:
         parts = [f"{x} {t:.1f} ({t / base:.2f}x)" for x, t in tails.items() if t]
         lines.append(f"last {tail} tokens of answers longer than that: " + ", ".join(parts))
+    kv = {x: rows[x].kv_by_length(window) for x in names}
+    lines += ["KV entries at the end of each window, and (in brackets) the share of a one-token pass over that many "
+              "entries spent attending to them (measured here: pass time over n entries less over 1 entry, over "
+              "the first):", f"{'tokens':<14}" + "".join(f"{x:>{width}}" for x in names)]
+    for k in range(n):
+        cells = []
+        for x in names:
+            held = kv[x][k] if k < len(kv[x]) else None
+            share = rows[x].attention.get(_grid(held)) if held is not None else None
+            cells.append("-" if held is None else f"{held:.0f}" + ("" if share is None else f" ({share:.0%})"))
+        lines.append(f"{f'{k * window + 1}-{(k + 1) * window}':<14}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
+
+
+GRID = 128  # attention shares are measured at KV lengths rounded to this
+
+
+def _grid(n: float) -> int:
+    return max(GRID, int(round(n / GRID)) * GRID)
+
+
+def attention_shares(model, lengths) -> Dict[int, float]:
+    """Per KV length ``n`` (on the grid), the share of a one-token pass over
+    ``n`` cached entries that attending to them takes: ``(t(n) - t(1)) /
+    t(n)``, from median pass times measured here (the rest of a pass does not
+    depend on the cache)."""
+    from .backend import pass_costs
+
+    base = pass_costs(model, [1], cached=1)[1]
+    out = {}
+    for n in sorted(set(lengths)):
+        t = pass_costs(model, [1], cached=n)[1]
+        out[n] = max(0.0, (t - base) / t) if t > 0 else 0.0
+    return out
 
 
 def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
@@ -368,6 +413,11 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
                     raise BenchError(
                         f"{name} committed other tokens than no-foresight on {item['question'][:40]!r}"
                     )
+    if any(len(r.times) > 2 * WINDOW for row in rows.values() for r in row.runs):
+        # long answers: how much of a pass attention takes at the KV each row holds
+        for name, row in rows.items():
+            m = plain[0] if name == "mlx_lm" and plain is not None else model
+            row.attention = attention_shares(m, [_grid(x) for x in row.kv_by_length() if x is not None])
     return rows
 
 
@@ -641,6 +691,8 @@ def _bench(args):
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
             speed_window=WINDOW,
             speed_by_length={name: row.speed_by_length() for name, row in rows.items()},
+            kv_by_length={name: row.kv_by_length() for name, row in rows.items()},
+            attention_share={name: row.attention for name, row in rows.items()},
         )
         (out / "summary.json").write_text(json.dumps(payload, indent=2))
         for path in write_plots(rows, out):

@@ -100,7 +100,8 @@ def test_speed_against_generated_length():
     from mlx_memosight import bench as b
 
     def run(times):
-        return b.Run(list(range(len(times))), times[-1], 0.0, len(times), 1, [], times=times)
+        return b.Run(list(range(len(times))), times[-1], 0.0, len(times), 1, [10 + i for i in range(len(times))],
+                     times=times)
 
     # one answer of 9 tokens at 1 s per token, one of 5 tokens at 0.5 s per token
     row = b.Row("x", runs=[run([float(i) for i in range(9)]), run([0.5 * i for i in range(5)])])
@@ -114,7 +115,9 @@ def test_speed_against_generated_length():
         text = b.format_speed_by_length({"x": row, "y": fast})
         lines = text.splitlines()
         assert lines[2].split() == ["1-4", "1.3", "4.0"] and lines[3].split() == ["5-8", "1.0", "4.0"]
-        assert "x 1.0 (1.00x), y 4.0 (4.00x)" in lines[-1]
+        assert "last 5 tokens of answers longer than that: x 1.0 (1.00x), y 4.0 (4.00x)" in text
+        # KV at each window's end (token 4: both answers, token 8: the first only)
+        assert lines[-2].split() == ["1-4", "14", "14"] and lines[-1].split() == ["5-8", "18", "18"]
         b.WINDOW = 8
         assert b.format_speed_by_length({"x": row}) is None  # no answer fills two windows
     finally:
@@ -133,7 +136,15 @@ def test_bench_cli_prints_and_plots_speed_by_length(reasoner, tmp_path, capsys, 
     assert code == 0, stderr
     assert "tokens/s by generated length (windows of 8 tokens" in stdout
     assert "last 12 tokens of answers longer than that: mlx_lm" in stdout
+    kv_table = stdout[stdout.index("KV entries at the end of each window"):].splitlines()
+    first = kv_table[2].split()
+    assert first[0] == "1-8" and first[1].isdigit() and first[2].startswith("(") and first[2].endswith("%)")
     d = json.loads((out / "summary.json").read_text())
     assert d["speed_window"] == 8 and len(d["speed_by_length"]["memosight"]) >= 2
     assert all(r["tail_tokens_per_second"] > 0 for r in d["rows"])
+    shares = d["attention_share"]["memosight"]
+    assert shares and all(0 <= v < 1 for v in shares.values())
+    # plain decoding holds every token: its KV grows by the window each time
+    plain = d["kv_by_length"]["plain"]
+    assert plain[1] - plain[0] == 8
     assert (out / "speed_by_length.png").stat().st_size > 1000
