@@ -20,9 +20,10 @@ bfloat16, hub-style shards):
   N content tokens (``--train-tokens``, about 2N with foresight tokens) with
   the joint loss, against mlx-lm's LoRA step with its default loss on a
   sequence of the same physical length, each in its own process: peak MLX
-  memory and tokens/s. MemoSight runs twice: with blockwise attention (the
-  default past 1024 tokens) and with the whole mask (the way it trained
-  before), to show what the blocks save.
+  memory and tokens/s. MemoSight runs three times: with blockwise attention
+  over the keys each block can see (the default past 1024 tokens), blockwise
+  over all earlier keys, and with the whole mask (the way it trained
+  before), to show what each saves.
 
 Depth can be reduced (``--layers``) where the full model would not fit the
 machine's time; the report says so on every table.
@@ -245,6 +246,8 @@ def train_one(kind, path, content_tokens):
         model, _ = load(path)
         setup_trainable(model, "lora", -1, lora, memosight_token_rows(tok))
         batch, loss = batch_arrays([sample], 1.0, 1.0), memosight_loss
+        if kind == "memosight_all_keys":
+            batch = batch[:9]  # without the visible keys per block
     mx.eval(model.parameters(), batch)
     opt = optim.Adam(learning_rate=1e-5)
     step = nn.value_and_grad(model, loss)
@@ -267,7 +270,7 @@ def bench_train(path, tokens_list, note):
     log(f"{'content tokens':>15}{'physical':>10}{'trainer':>26}{'peak GB':>9}{'vs mlx_lm':>10}{'tokens/s':>10}")
     for n in tokens_list:
         rows = {}
-        for kind in ("mlx_lm", "memosight", "memosight_mask"):
+        for kind in ("mlx_lm", "memosight", "memosight_all_keys", "memosight_mask"):
             out = subprocess.run([sys.executable, __file__, "--train-one", kind, str(path), str(n)],
                                  capture_output=True, text=True)
             if out.returncode:
