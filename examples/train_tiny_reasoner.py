@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 1200 (turns)")
+    p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 5000 (turns)")
     p.add_argument("--valid-examples", type=int, default=64)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--bare-questions", type=float, default=0.2,
@@ -96,6 +96,10 @@ def build_parser():
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
+    p.add_argument("--short-share", type=float, default=0.85,
+                   help="--task turns: share of training problems with %d-%d turns (the rest have %d-%d, as the "
+                   "held-out ones); short problems teach the steps at a fraction of the cost"
+                   % (*demo.SHORT_TURNS, demo.MIN_TURNS, demo.MAX_TURNS))
     p.add_argument("--max-position", type=int, default=None,
                    help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -104,11 +108,14 @@ def build_parser():
 
 
 # per task: defaults of (--out, --train-examples, --max-position)
-TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048), "turns": ("tiny-reasoner-long", 1200, 8192)}
+TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048), "turns": ("tiny-reasoner-long", 5000, 8192)}
 
 
 def parse_args(argv):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.short_share < 1:
+        parser.error(f"--short-share must be in [0, 1), got {args.short_share}")
     out, examples, max_position = TASK_DEFAULTS[args.task]
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
@@ -136,6 +143,12 @@ class Clock:
 
 def write_data(out: Path, args):
     train_p = demo.problems("train", args.train_examples, args.seed, args.task)
+    if args.task == "turns" and args.short_share > 0:
+        import numpy as np
+
+        n_short = int(round(args.short_share * args.train_examples))
+        mixed = demo.problems("train", n_short, args.seed, "turns", demo.SHORT_TURNS) + train_p[n_short:]
+        train_p = [mixed[i] for i in np.random.default_rng(args.seed).permutation(len(mixed))]
     valid_p = demo.problems("valid", args.valid_examples, args.seed, args.task)
     held = demo.problems("heldout", args.heldout, args.seed, args.task)
     train_q, valid_q = questions(train_p, args.bare_questions), questions(valid_p, 0.0)

@@ -39,6 +39,7 @@ SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
 MIN_COUNT, MAX_COUNT = 10, 99
 MIN_TURNS, MAX_TURNS = 64, 240
+SHORT_TURNS = (8, 48)  # the short problems the long-reasoning model also trains on
 DIAL = 100  # the dial shows 0 .. 99
 TASKS = ("days", "turns")
 
@@ -113,13 +114,14 @@ def make_problem(rng: np.random.Generator) -> Problem:
     return Problem(question, thoughts, counts[-1], counts)
 
 
-def make_turns_problem(rng: np.random.Generator) -> Problem:
+def make_turns_problem(rng: np.random.Generator, turns_range=(MIN_TURNS, MAX_TURNS)) -> Problem:
     """Draw one long problem: a dial turned forward ``MIN_TURNS`` to
-    ``MAX_TURNS`` times."""
+    ``MAX_TURNS`` times (or as many as ``turns_range`` says, both ends
+    included)."""
     name, pron = NAMES[rng.integers(len(NAMES))]
     start = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
-    turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
+    turns = int(rng.integers(turns_range[0], turns_range[1] + 1))
     counts = [(start + n * t) % DIAL for t in range(turns + 1)]
     question = (
         f"{name}'s dial shows {start}. Every turn {pron} moves it {n} forward, and after "
@@ -142,7 +144,7 @@ def split_of(question: str) -> str:
     return "heldout" if bucket < 10 else ("valid" if bucket < 15 else "train")
 
 
-def problems(split: str, n: int, seed: int = 0, task: str = "days") -> List[Problem]:
+def problems(split: str, n: int, seed: int = 0, task: str = "days", turns_range=None) -> List[Problem]:
     """``n`` distinct problems of one split, the same for the same ``seed``.
 
     Args:
@@ -150,15 +152,21 @@ def problems(split: str, n: int, seed: int = 0, task: str = "days") -> List[Prob
         n: how many.
         seed: seeds the generator (each split draws from its own stream).
         task: ``days`` (the demo model's) or ``turns`` (long reasoning).
+        turns_range: for ``turns``, the fewest and most turns (default
+            ``MIN_TURNS``, ``MAX_TURNS``); another range draws from a stream
+            of its own.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if task not in MAKERS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    if turns_range is not None and task != "turns":
+        raise ValueError("turns_range applies to the turns task only")
+    stream = [seed, SPLITS.index(split)] + (list(turns_range) if turns_range is not None else [])
+    rng = np.random.default_rng(stream)
     out, seen = [], set()
     while len(out) < n:
-        p = MAKERS[task](rng)
+        p = MAKERS[task](rng) if turns_range is None else make_turns_problem(rng, turns_range)
         if p.question in seen or split_of(p.question) != split:
             continue
         seen.add(p.question)

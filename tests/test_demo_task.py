@@ -125,3 +125,13 @@ def test_long_task_heldout_file(tmp_path):
     demo.main([str(path), "-n", "3", "--task", "turns"])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == demo.heldout_items(3, task="turns") and "dial" in rows[0]["question"]
+
+
+def test_short_turns_problems_for_training():
+    short = demo.problems("train", 40, task="turns", turns_range=demo.SHORT_TURNS)
+    counts = [int(TURNS_QUESTION.fullmatch(p.question)[5]) for p in short]
+    assert min(counts) >= demo.SHORT_TURNS[0] and max(counts) <= demo.SHORT_TURNS[1]
+    assert all(len(p.thoughts) == n + 1 for p, n in zip(short, counts))
+    assert short == demo.problems("train", 40, task="turns", turns_range=demo.SHORT_TURNS)
+    with pytest.raises(ValueError, match="turns task only"):
+        demo.problems("train", 1, turns_range=(8, 9))
