@@ -11,7 +11,7 @@ MemoSight's KV savings show. Counts and days have two digits, so every step
 has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
-same amount many times (64 to 240 turns, so answers of about 1,500 to 5,800
+same amount many times (64 to 240 turns, so answers of about 1,400 to 5,300
 tokens), one step per turn: ``Turn 011: Mia moves it 7, so 95 + 7 = 2.``.
 Each step needs only the question and the previous step's result, so once a
 step is compressed its memory tokens must carry the dial's value and the turn

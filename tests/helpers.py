@@ -310,7 +310,7 @@ def reference_decode(model, cfg, prompt, max_tokens, compress=True, repetition_p
     return out
 
 
-def _visible_logits(model, cfg, prompt, finished, open_step):
+def _visible_logits(model, cfg, prompt, finished, open_step, position=False):
     """Logits after the sequence a compressing decoder sees (prompt, each
     finished step with its memory tokens and continue, the open step),
     computed from scratch under the layout's mask."""
@@ -325,15 +325,17 @@ def _visible_logits(model, cfg, prompt, finished, open_step):
         add_eos=False, foresight=False, open_step=open_step,
     )
     logits = forward(model, s.input_ids, s.positions, mx.array(s.mask()), rows=[len(s) - 1])
-    return np.array(logits[0, 0].astype(mx.float32))
+    row = np.array(logits[0, 0].astype(mx.float32))
+    return (row, int(s.positions[-1])) if position else row
 
 
-def reference_logits(model, cfg, prompt, output):
+def reference_logits(model, cfg, prompt, output, position=False):
     """The no-cache logits after ``prompt`` and the committed ``output``
-    (whose steps end with the splitter) under compression."""
+    (whose steps end with the splitter) under compression; with
+    ``position``, also the position id of the last token."""
     steps = split_steps(output, cfg.token_ids.splitter)
     done = sum(len(s) for s in steps)
-    return _visible_logits(model, cfg, prompt, steps, list(output[done:]))
+    return _visible_logits(model, cfg, prompt, steps, list(output[done:]), position)
 
 
 def run_command(main, argv, capsys):

@@ -69,14 +69,13 @@ def test_hundreds_of_evictions_keep_kv_bounded_and_outputs_equal(demo_model, lon
     P = len(prompt)
     base, base_events, base_stats, _ = long_run
     drafted, events, stats = generate(model, cfg, prompt, EndlessSteps(cfg, P), draft_len=3, foresight_sets="all")
-    assert len(base) == TOKENS and stats.finish_reason == "length"
+    assert len(base) == TOKENS and base_stats.finish_reason == stats.finish_reason == "length"
     # greedy output with drafting equals output without
     assert drafted == base
     assert stats.accepted_draft_tokens > 0
     steps = split_steps(base[:-1], cfg.token_ids.splitter)
-    assert base_stats.compress_events == stats.compress_events == len(steps) >= 150
-    # positions run far past the model's trained context (max_position_embeddings)
-    assert P + TOKENS > model.args.max_position_embeddings
+    # a step ends after STEP tokens at the latest
+    assert base_stats.compress_events == stats.compress_events == len(steps) >= TOKENS // (STEP + 1)
     # KV after every committed token: the prompt, m + 1 entries per finished
     # step, and at most the step being written; exactly the first two right
     # after a compress event (the event of a step's first token)
@@ -91,7 +90,7 @@ def test_hundreds_of_evictions_keep_kv_bounded_and_outputs_equal(demo_model, lon
                 assert ev.kv_entries == kept[s]
             assert ev.kv_entries <= kept[s] + lens[s]
     plain = P + TOKENS
-    assert stats.peak_kv_tokens <= kept[-1] + 2 * STEP + 4 * (cfg.draft_len + 4)
+    assert stats.peak_kv_tokens <= kept[-1] + 2 * STEP + 4 * (3 + 4)
     assert stats.peak_kv_tokens < 0.25 * plain
 
 
@@ -106,9 +105,12 @@ def test_cache_after_hundreds_of_evictions_equals_recomputation(demo_model, long
     ends = [i + 1 for i, t in enumerate(out) if t == splitter]
     # right after a compress event (the row follows memory tokens and
     # <|continue|>), and mid-step, late in the run
-    checks = [ends[-1], ends[-2] + 5, ends[len(ends) // 2], TOKENS - 1]
+    checks = [h for h in (ends[-1], ends[-2] + 5, ends[len(ends) // 2], TOKENS - 1) if h < TOKENS]
     for h in checks:
-        expected = reference_logits(model, cfg, prompt, out[:h])
+        expected, position = reference_logits(model, cfg, prompt, out[:h], position=True)
+        if h == TOKENS - 1:
+            # positions run far past the model's trained context
+            assert position > model.args.max_position_embeddings
         got = keep.seen[h]
         assert int(np.argmax(got)) == int(np.argmax(expected))
         np.testing.assert_allclose(got, expected, atol=2e-3, rtol=1e-3)

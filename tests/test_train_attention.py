@@ -136,7 +136,9 @@ def test_visible_keys_of_a_reasoning_sample():
     rule = (b.query_slot, b.query_limit, b.key_visible_until)
     T, block = len(s), 128
     index = blockwise.visible_keys(*rule, block)
-    assert index.shape[1] % blockwise.KEY_ROUND == 0
+    from mlx_memosight.datasets import bucket_length
+
+    assert index.shape[1] == bucket_length(index.shape[1])
     mask = attention_mask(*rule)[0]
     scored = 0
     for n, (i, j) in enumerate(blockwise._blocks(T, block)):
@@ -145,6 +147,10 @@ def test_visible_keys_of_a_reasoning_sample():
         assert set(np.flatnonzero(mask[i:j].any(axis=0))) <= set(keys)
         scored += len(keys)
     assert T > 4000 and scored < 0.25 * sum(j for _, j in blockwise._blocks(T, block))
+    q = k = v = mx.zeros((1, 2, T, 8))
+    with pytest.raises(ValueError, match="blocks of 64 need"):
+        blockwise.blockwise_attention(q, k, v, 1.0, *(mx.array(a) for a in rule), block=64,
+                                      key_index=mx.array(index))
 
 
 def test_long_sequences_train_blockwise():

@@ -227,7 +227,7 @@ def test_step_weights_normalise_each_stream_over_the_step():
     batches = BatchIterator(0.7, 0.3, grad_accumulation_steps=K)(ds, 2, loop=True)
     lm = mtp = 0.0
     for _ in range(K):
-        inputs, _, _, _, _, rows, targets, weights, _ = next(batches)
+        inputs, _, _, _, _, rows, targets, weights, _ = next(batches)[:9]
         rows, weights, inputs = np.array(rows), np.array(weights), np.array(inputs)
         fs = np.take_along_axis(inputs, rows, axis=1) == IDS.foresight
         lm += weights[~fs & (weights > 0)].sum()

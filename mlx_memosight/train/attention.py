@@ -36,7 +36,6 @@ from ..layout import attention_mask
 QUERY_BLOCK = 256  # queries per block at most
 BLOCK_SCORES = 1 << 20  # and at most this many scores per head and block (fewer queries past 4k keys)
 BLOCKWISE_FROM = 1024  # sequences longer than this train with blockwise attention
-KEY_ROUND = 64  # a batch's gathered keys per block are padded to a multiple of this
 
 
 def _blocks(length: int, block: int):
@@ -152,7 +151,8 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
     """Per block of ``block`` queries, the keys some query of the block sees
     in some row of the batch (``(B, T)`` rule arrays of a causal batch):
     ``(blocks, K)`` int32, ascending, ``-1`` after the last, ``K`` the most any
-    block needs rounded up to :data:`KEY_ROUND`.
+    block needs rounded up as batch lengths are (``datasets.bucket_length``:
+    few distinct shapes for the compiled training step).
 
     A query with slot ``s`` and limit ``l`` sees key ``k`` when ``k == s`` or
     ``k < l`` and ``s < until[k]``; the block's smallest slot and largest
@@ -166,7 +166,9 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
                 & (key_visible_until > query_slot[:, i:j].min(axis=1, keepdims=True))).any(axis=0)
         seen[query_slot[:, i:j].ravel()] = True
         sets.append(np.flatnonzero(seen))
-    K = -(-max(len(x) for x in sets) // KEY_ROUND) * KEY_ROUND
+    from ..datasets import bucket_length
+
+    K = bucket_length(max(len(x) for x in sets))
     out = np.full((len(sets), K), -1, np.int32)
     for b, x in enumerate(sets):
         out[b, : len(x)] = x
@@ -190,6 +192,10 @@ def blockwise_attention(queries, keys, values, scale: float, query_slot, query_l
     """
     block = block or query_block(queries.shape[2])
     if key_index is not None:
+        blocks = len(_blocks(queries.shape[2], block))
+        if key_index.ndim != 2 or key_index.shape[0] != blocks:
+            raise ValueError(f"key_index has shape {tuple(key_index.shape)}, but {queries.shape[2]} queries in "
+                             f"blocks of {block} need ({blocks}, K): build it with visible_keys at this block size")
         return _gathered_attention_fn(float(scale), int(block))(
             queries, keys, values, query_slot, query_limit, key_visible_until, key_index)
     return _attention_fn(float(scale), int(block))(
