@@ -99,6 +99,10 @@ class Row:
         return (f"{tpp:.2f} tokens per pass / {per_pass:.2f} (mean pass cost in one-token passes, "
                 f"{fed / passes:.1f} tokens fed per pass) = {tpp / per_pass:.2f}x plain decoding at most")
 
+    def windows(self, window: int) -> int:
+        """How many windows of ``window`` tokens after the first the longest answer fills."""
+        return max((len(r.times) - 1) // window for r in self.runs)
+
     def speed_by_length(self, window: Optional[int] = None) -> List[Optional[float]]:
         """Tokens/s per window of generated tokens (tokens ``[k w + 1, (k +
         1) w]`` after the first, which prefill gives), over all answers that
@@ -106,7 +110,7 @@ class Row:
         (``window``: :data:`WINDOW` by default)."""
         window = window or WINDOW
         out = []
-        for k in range(max((len(r.times) - 1) // window for r in self.runs)):
+        for k in range(self.windows(window)):
             a, b = k * window, (k + 1) * window
             seconds = sum(r.times[b] - r.times[a] for r in self.runs if len(r.times) > b)
             n = window * sum(len(r.times) > b for r in self.runs)
@@ -118,7 +122,7 @@ class Row:
         over the answers that fill it (as :meth:`speed_by_length`)."""
         window = window or WINDOW
         out = []
-        for k in range(max((len(r.times) - 1) // window for r in self.runs)):
+        for k in range(self.windows(window)):
             b = (k + 1) * window
             held = [r.kv_curve[b] for r in self.runs if len(r.kv_curve) > b]
             out.append(statistics.mean(held) if held else None)
@@ -246,28 +250,38 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
         return None
     names = list(rows)
     width = max(14, *(len(x) + 2 for x in names))
-    lines = [f"tokens/s by generated length (windows of {window} tokens, over the answers that reach them):",
-             f"{'tokens':<14}" + "".join(f"{x:>{width}}" for x in names)]
-    for k in range(n):
-        cells = [curves[x][k] if k < len(curves[x]) else None for x in names]
-        lines.append(f"{f'{k * window + 1}-{(k + 1) * window}':<14}"
-                     + "".join(f"{'-' if c is None else f'{c:.1f}':>{width}}" for c in cells))
+
+    def table(title, cell):
+        """``title``, a header of the rows' names, then per window ``cell(name, k)`` (text) of each row."""
+        out = [title, f"{'tokens':<14}" + "".join(f"{x:>{width}}" for x in names)]
+        for k in range(n):
+            out.append(f"{f'{k * window + 1}-{(k + 1) * window}':<14}"
+                       + "".join(f"{cell(x, k):>{width}}" for x in names))
+        return out
+
+    def speed(x, k):
+        c = curves[x][k] if k < len(curves[x]) else None
+        return "-" if c is None else f"{c:.1f}"
+
+    lines = table(f"tokens/s by generated length (windows of {window} tokens, over the answers that reach them):",
+                  speed)
     tails = {x: rows[x].tail_speed(tail) for x in names}
     base = tails[names[0]]
     if base:
         parts = [f"{x} {t:.1f} ({t / base:.2f}x)" for x, t in tails.items() if t]
         lines.append(f"last {tail} tokens of answers longer than that: " + ", ".join(parts))
     kv = {x: rows[x].kv_by_length(window) for x in names}
-    lines += ["KV entries at the end of each window, and (in brackets) the share of a one-token pass over that many "
-              "entries spent attending to them (measured here: pass time over n entries less over 1 entry, over "
-              "the first):", f"{'tokens':<14}" + "".join(f"{x:>{width}}" for x in names)]
-    for k in range(n):
-        cells = []
-        for x in names:
-            held = kv[x][k] if k < len(kv[x]) else None
-            share = rows[x].attention.get(_grid(held)) if held is not None else None
-            cells.append("-" if held is None else f"{held:.0f}" + ("" if share is None else f" ({share:.0%})"))
-        lines.append(f"{f'{k * window + 1}-{(k + 1) * window}':<14}" + "".join(f"{c:>{width}}" for c in cells))
+
+    def held(x, k):
+        h = kv[x][k] if k < len(kv[x]) else None
+        if h is None:
+            return "-"
+        share = rows[x].attention.get(_grid(h))
+        return f"{h:.0f}" + ("" if share is None else f" ({share:.0%})")
+
+    lines += table("KV entries at the end of each window, and (in brackets) the share of a one-token pass over that "
+                   "many entries spent attending to them (measured here: pass time over n entries less over 1 entry, "
+                   "over the first):", held)
     return "\n".join(lines)
 
 
@@ -305,41 +319,35 @@ def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+
+    def save(fig, ax, name, xlabel, ylabel, title, legend=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if legend:
+            ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in rows.items():
         longest = max(row.runs, key=lambda r: len(r.tokens))
         ax.plot(range(1, len(longest.kv_curve) + 1), longest.kv_curve, label=name)
-    ax.set_xlabel("generated tokens")
-    ax.set_ylabel("KV cache entries")
-    ax.set_title("KV cache during generation (longest answer)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "kv_curve.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "kv_curve.png", "generated tokens", "KV cache entries", "KV cache during generation (longest answer)")
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(rows)
     ax.bar(names, [rows[n].tps for n in names])
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title("Decoding speed")
-    fig.tight_layout()
-    paths.append(out_dir / "tokens_per_second.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "tokens_per_second.png", "", "generated tokens / s", "Decoding speed", legend=False)
     curves = {name: row.speed_by_length() for name, row in rows.items()}
     if max(len(c) for c in curves.values()) >= 2:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, c in curves.items():
             ax.plot([(k + 1) * WINDOW for k in range(len(c))], [float("nan") if x is None else x for x in c],
                     marker=".", label=name)
-        ax.set_xlabel(f"generated tokens (end of each window of {WINDOW})")
-        ax.set_ylabel("tokens / s in the window")
-        ax.set_title("Decoding speed against generated length")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out_dir / "speed_by_length.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, ax, "speed_by_length.png", f"generated tokens (end of each window of {WINDOW})",
+             "tokens / s in the window", "Decoding speed against generated length")
     return paths
 
 

@@ -70,6 +70,21 @@ def _grouped(q, k, v):
     return q.reshape(B, Hkv, H // Hkv, L, D), k[:, :, None], v[:, :, None]
 
 
+def _block_gradients(p, qg, kb, vb, dog, og, scale, i, j):
+    """Gradients of queries ``[i, j)`` attending with probabilities ``p`` to
+    the keys ``kb`` and values ``vb`` (grouped as :func:`_grouped`), given
+    the output ``og`` and its cotangent ``dog``: the queries' gradient, and
+    the keys' and values' summed over the grouped heads in float32."""
+    do = dog[..., i:j, :]
+    dp = (do @ vb.swapaxes(-1, -2)).astype(mx.float32)
+    delta = (do.astype(mx.float32) * og[..., i:j, :].astype(mx.float32)).sum(-1, keepdims=True)
+    ds = (p * (dp - delta)).astype(qg.dtype)
+    dq = (ds @ kb) * scale
+    dk = ((ds.swapaxes(-1, -2) @ qg[..., i:j, :]) * scale).astype(mx.float32).sum(2)
+    dv = (p.astype(vb.dtype).swapaxes(-1, -2) @ do).astype(mx.float32).sum(2)
+    return dq, dk, dv
+
+
 @lru_cache(maxsize=None)
 def _attention_fn(scale: float, block: int):
     @mx.custom_function
@@ -91,14 +106,11 @@ def _attention_fn(scale: float, block: int):
         dq, dk, dv = [], 0, 0
         for i, j in _blocks(L, block):
             p = _probabilities(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j)
-            do = dog[..., i:j, :]
-            dp = (do @ vg[..., :j, :].swapaxes(-1, -2)).astype(mx.float32)
-            delta = (do.astype(mx.float32) * og[..., i:j, :].astype(mx.float32)).sum(-1, keepdims=True)
-            ds = (p * (dp - delta)).astype(q.dtype)
-            dq.append((ds @ kg[..., :j, :]) * scale)
-            pad = [(0, 0), (0, 0), (0, L - j), (0, 0)]  # dK, dV of keys [0, j) summed in float32
-            dk = dk + mx.pad(((ds.swapaxes(-1, -2) @ qg[..., i:j, :]) * scale).astype(mx.float32).sum(2), pad)
-            dv = dv + mx.pad((p.astype(v.dtype).swapaxes(-1, -2) @ do).astype(mx.float32).sum(2), pad)
+            dq_b, dk_b, dv_b = _block_gradients(p, qg, kg[..., :j, :], vg[..., :j, :], dog, og, scale, i, j)
+            dq.append(dq_b)
+            pad = [(0, 0), (0, 0), (0, L - j), (0, 0)]  # dK, dV of keys [0, j)
+            dk = dk + mx.pad(dk_b, pad)
+            dv = dv + mx.pad(dv_b, pad)
         dq = mx.concatenate(dq, axis=3).reshape(q.shape)
         return (dq, dk.astype(k.dtype), dv.astype(v.dtype), mx.zeros_like(query_slot),
                 mx.zeros_like(query_limit), mx.zeros_like(key_visible_until))
@@ -130,15 +142,12 @@ def _gathered_attention_fn(scale: float, block: int):
         for b, (i, j) in enumerate(_blocks(q.shape[2], block)):
             p, keys = _gathered_probabilities(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j,
                                               key_index[b])
-            kb, vb = mx.take(kg, keys, axis=3), mx.take(vg, keys, axis=3)
-            do = dog[..., i:j, :]
-            dp = (do @ vb.swapaxes(-1, -2)).astype(mx.float32)
-            delta = (do.astype(mx.float32) * og[..., i:j, :].astype(mx.float32)).sum(-1, keepdims=True)
-            ds = (p * (dp - delta)).astype(q.dtype)
-            dq.append((ds @ kb) * scale)
+            dq_b, dk_b, dv_b = _block_gradients(p, qg, mx.take(kg, keys, axis=3), mx.take(vg, keys, axis=3),
+                                                dog, og, scale, i, j)
+            dq.append(dq_b)
             # padding keys have zero probability, so their (clamped) slot 0 gets nothing
-            dk = dk.at[:, :, keys, :].add(((ds.swapaxes(-1, -2) @ qg[..., i:j, :]) * scale).astype(mx.float32).sum(2))
-            dv = dv.at[:, :, keys, :].add((p.astype(v.dtype).swapaxes(-1, -2) @ do).astype(mx.float32).sum(2))
+            dk = dk.at[:, :, keys, :].add(dk_b)
+            dv = dv.at[:, :, keys, :].add(dv_b)
         dq = mx.concatenate(dq, axis=3).reshape(q.shape)
         return (dq, dk.astype(k.dtype), dv.astype(v.dtype), mx.zeros_like(query_slot),
                 mx.zeros_like(query_limit), mx.zeros_like(key_visible_until), mx.zeros_like(key_index))
@@ -158,6 +167,8 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
     ``k < l`` and ``s < until[k]``; the block's smallest slot and largest
     limit give a superset of its keys (the mask is applied to the gathered
     keys exactly)."""
+    from ..datasets import bucket_length
+
     T = query_slot.shape[-1]
     keys = np.arange(T)
     sets = []
@@ -166,8 +177,6 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
                 & (key_visible_until > query_slot[:, i:j].min(axis=1, keepdims=True))).any(axis=0)
         seen[query_slot[:, i:j].ravel()] = True
         sets.append(np.flatnonzero(seen))
-    from ..datasets import bucket_length
-
     K = bucket_length(max(len(x) for x in sets))
     out = np.full((len(sets), K), -1, np.int32)
     for b, x in enumerate(sets):
