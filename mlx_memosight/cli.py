@@ -11,6 +11,7 @@ reaches its ``try`` before MLX is loaded.
 """
 
 import argparse
+import functools
 import os
 import re
 import signal
@@ -69,6 +70,27 @@ def flag_message(e: BaseException, parser: Optional[argparse.ArgumentParser]) ->
     return _ASSIGNMENT.sub(flag, message)
 
 
+def _in_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(prog, signum, frame):
+    """Python's Ctrl-C, except while a module is being imported: extension
+    modules (torch's, which transformers imports when it is installed) run
+    Python code from C++ as they load, and a KeyboardInterrupt raised there can
+    abort the process (``terminate called after throwing ...``) instead of
+    reaching the command. No command keeps anything made during an import, so
+    the process leaves at once."""
+    if _in_import(frame):
+        os.write(2, f"\n{prog}: interrupted\n".encode())
+        os._exit(130)
+    raise KeyboardInterrupt
+
+
 def _exit_interrupted():
     """Exit with 130. A process launched as a command leaves at once: Python
     marks an interrupt that struck code run by ``exec`` (dataclasses and
@@ -90,12 +112,11 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Op
     parser's defaults first (from a config file). Exits with ``body``'s
     return value when it is an int.
     """
+    prog = parser.prog
     # the package's start-up handler (if any) hands Ctrl-C back to Python,
     # whose KeyboardInterrupt the except clause below turns into exit 130
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and \
-            getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_quiet_interrupt":
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    prog = parser.prog
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_quiet_interrupt":
+        signal.signal(signal.SIGINT, functools.partial(_interrupt, prog))
     try:
         if defaults is not None:
             defaults(parser, argv)

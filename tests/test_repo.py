@@ -3,6 +3,7 @@ package has no import cycle, and the commands start light."""
 
 import ast
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,11 +106,39 @@ def test_every_flag_has_help(name):
         assert action.help and action.help.strip(), f"{name}: {action.option_strings or action.dest}"
 
 
+@pytest.mark.parametrize("where", ["import", "work"])
+def test_ctrl_c_during_an_import_leaves_at_once(tmp_path, where):
+    """Ctrl-C while a command imports a module ends the process there (an
+    extension module calling Python from C++ as it loads could otherwise abort
+    it); elsewhere it is Python's KeyboardInterrupt, so cleanup still runs."""
+    interrupt = "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\nprint('went on')\n"
+    (tmp_path / "slow_module.py").write_text(interrupt)
+    body = "import slow_module" if where == "import" else interrupt.replace("\n", "\n        ")
+    # a script whose name starts like the console scripts' runs as a command does
+    script = tmp_path / "mlx_memosight_probe.py"
+    script.write_text(
+        "import argparse\n"
+        "import mlx_memosight\n"
+        "from mlx_memosight import cli\n"
+        "def body(args):\n"
+        "    try:\n"
+        f"        {body}\n"
+        "    finally:\n"
+        "        print('cleanup ran', flush=True)\n"
+        "cli.run(argparse.ArgumentParser(prog='probe'), body, [])\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == "probe: interrupted"
+    assert "went on" not in r.stdout
+    assert ("cleanup ran" in r.stdout) == (where == "work"), r.stdout
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.5, 1.5])
 def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(delay):
     """Ctrl-C while the command imports, loads the model or generates (without
     compression the demo model writes until the token limit, several seconds)."""
-    import signal
     import time
 
     p = subprocess.Popen([sys.executable, "-m", "mlx_memosight.generate", "--prompt",
