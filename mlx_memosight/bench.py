@@ -266,9 +266,9 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
     lines = table(f"tokens/s by generated length (windows of {window} tokens, over the answers that reach them):",
                   speed)
     tails = {x: rows[x].tail_speed(tail) for x in names}
-    base = tails[names[0]]
-    if base:
-        parts = [f"{x} {t:.1f} ({t / base:.2f}x)" for x, t in tails.items() if t]
+    base = tails[names[0]]  # the ratios are against the first row, when it has answers that long
+    parts = [f"{x} {t:.1f}" + (f" ({t / base:.2f}x)" if base else "") for x, t in tails.items() if t]
+    if parts:
         lines.append(f"last {tail} tokens of answers longer than that: " + ", ".join(parts))
     kv = {x: rows[x].kv_by_length(window) for x in names}
 

@@ -118,6 +118,9 @@ def test_speed_against_generated_length():
         assert "last 5 tokens of answers longer than that: x 1.0 (1.00x), y 4.0 (4.00x)" in text
         # KV at each window's end (token 4: both answers, token 8: the first only)
         assert lines[-2].split() == ["1-4", "14", "14"] and lines[-1].split() == ["5-8", "18", "18"]
+        # a first row without answers that long: speeds without ratios
+        short = b.Row("s", runs=[run([0.5 * i for i in range(5)])])
+        assert "longer than that: y 4.0\n" in b.format_speed_by_length({"s": short, "y": fast})
         b.WINDOW = 8
         assert b.format_speed_by_length({"x": row}) is None  # no answer fills two windows
     finally:
