@@ -11,7 +11,6 @@ largest checkpoint shard. Both outputs are then compared tensor by tensor.
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -22,20 +21,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Starts a command and writes its exit code, CPU seconds and ru_maxrss to a
+# file. A process's ru_maxrss on Linux starts from its parent's peak (exec keeps
+# the high-water mark of the address space it replaces, which subprocess's
+# vfork shares with the parent), so a command started straight from a large
+# process (bench_scale holds models) would report that process's peak; this
+# small one in between is the parent whose peak is counted in (about 10 MB).
+_MEASURE = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    f.write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}')\n"
+)
+
+
 def run(cmd, log: Path):
     """Run ``cmd``; return (wall seconds, CPU seconds, peak RSS bytes) of that
     process alone."""
+    measured = log.with_suffix(".usage")
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        subprocess.run([sys.executable, "-c", _MEASURE, str(measured)] + [str(c) for c in cmd], cwd=ROOT,
+                       stdout=f, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.exit(f"{' '.join(map(str, cmd))} failed (exit {proc.returncode}); see {log}")
+    code, cpu, maxrss = measured.read_text().split()
+    measured.unlink()
+    if int(code):
+        sys.exit(f"{' '.join(map(str, cmd))} failed (exit {code}); see {log}")
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return wall, usage.ru_utime + usage.ru_stime, rss
+    rss = int(maxrss) * (1 if sys.platform == "darwin" else 1024)
+    return wall, float(cpu), rss
 
 
 def weight_files(path: Path):

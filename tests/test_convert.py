@@ -196,6 +196,33 @@ def test_streamed_shards_are_exact(checkpoint, converted):
     mlx_lm.load(str(out))
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_finite_check_finds_every_bad_value_within_a_bounded_memory(monkeypatch, dtype):
+    """The NaN / inf check reads the raw bits a slice at a time: it sees every
+    value (the largest finite ones pass), and needs little memory beside the
+    tensor."""
+    import tracemalloc
+
+    from mlx_memosight.convert import writer
+
+    x = mx.random.normal((1024, 4096)).astype(dtype)
+    x[3, 7] = float(np.finfo(np.float16).max) if dtype == mx.float16 else 3e38
+    x[5, 9] = -x[3, 7]
+    mx.eval(x)
+    monkeypatch.setattr(writer, "CHECK_ELEMENTS", x.size // 16)
+    tracemalloc.start()
+    assert writer._all_finite(x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.3 * x.nbytes, peak  # slices, no copy of the tensor
+    monkeypatch.setattr(writer, "CHECK_ELEMENTS", 1000)
+    for flat_index, bad in ((0, float("nan")), (x.size - 1, float("inf")), (1500, -float("inf")), (999, -float("nan"))):
+        y = mx.array(x).reshape(-1)
+        y[flat_index] = bad
+        assert not writer._all_finite(y.reshape(x.shape)), (flat_index, bad)
+    assert writer._all_finite(x) and writer._all_finite(mx.array(1.0, dtype))
+
+
 class _Touch:
     """Unpickling this creates a file: a pickle that runs code."""
 
