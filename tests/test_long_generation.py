@@ -11,7 +11,8 @@ from mlx_memosight import demo, load
 from mlx_memosight.engine import Engine
 from mlx_memosight.scoring import eval_prompt
 
-TOKENS = 2500
+TOKENS = 10_000  # the generation whose KV and drafting are checked
+CHECKED_TOKENS = 2500  # the one checked against a no-cache recomputation (quadratic in its length)
 STEP = 20  # a step ends (the splitter is forced) after this many tokens at most
 
 
@@ -49,25 +50,18 @@ class EndlessSteps:
         return logits + mx.array(bias)
 
 
-def generate(model, cfg, prompt, processor, **kw):
-    e = Engine(model, cfg, logits_processors=[processor], max_position=10 * TOKENS, **kw)
-    events = list(e.generate(prompt, TOKENS))
+def generate(model, cfg, prompt, processor, tokens=TOKENS, **kw):
+    e = Engine(model, cfg, logits_processors=[processor], max_position=2 * TOKENS, **kw)
+    events = list(e.generate(prompt, tokens))
     return [ev.token for ev in events], events, e.stats
 
 
-@pytest.fixture(scope="module")
-def long_run(demo_model):
-    """Greedy decoding with compression and without drafting, the logits of
-    every pass kept."""
-    model, cfg, prompt = demo_model
-    keep = EndlessSteps(cfg, len(prompt), keep=True)
-    return (*generate(model, cfg, prompt, keep, foresight=False), keep)
-
-
-def test_hundreds_of_evictions_keep_kv_bounded_and_outputs_equal(demo_model, long_run):
+def test_hundreds_of_evictions_keep_kv_bounded_and_outputs_equal(demo_model):
+    """A 10,000-token answer (about 480 compress events), greedy, with and
+    without drafting."""
     model, cfg, prompt = demo_model
     P = len(prompt)
-    base, base_events, base_stats, _ = long_run
+    base, base_events, base_stats = generate(model, cfg, prompt, EndlessSteps(cfg, P), foresight=False)
     drafted, events, stats = generate(model, cfg, prompt, EndlessSteps(cfg, P), draft_len=3, foresight_sets="all")
     assert len(base) == TOKENS and base_stats.finish_reason == stats.finish_reason == "length"
     # greedy output with drafting equals output without
@@ -94,21 +88,23 @@ def test_hundreds_of_evictions_keep_kv_bounded_and_outputs_equal(demo_model, lon
     assert stats.peak_kv_tokens < 0.25 * plain
 
 
-def test_cache_after_hundreds_of_evictions_equals_recomputation(demo_model, long_run):
+def test_cache_after_hundreds_of_evictions_equals_recomputation(demo_model):
     """The logits the cached engine computed late in a long run (after
     hundreds of evictions and compactions) equal a no-cache recomputation of
     the same visible sequence."""
     model, cfg, prompt = demo_model
-    out, _, stats, keep = long_run
+    keep = EndlessSteps(cfg, len(prompt), keep=True)
+    n = CHECKED_TOKENS
+    out, _, stats = generate(model, cfg, prompt, keep, n, foresight=False)
     assert stats.compress_events >= 150
     splitter = cfg.token_ids.splitter
     ends = [i + 1 for i, t in enumerate(out) if t == splitter]
     # right after a compress event (the row follows memory tokens and
     # <|continue|>), and mid-step, late in the run
-    checks = [h for h in (ends[-1], ends[-2] + 5, ends[len(ends) // 2], TOKENS - 1) if h < TOKENS]
+    checks = [h for h in (ends[-1], ends[-2] + 5, ends[len(ends) // 2], n - 1) if h < n]
     for h in checks:
         expected, position = reference_logits(model, cfg, prompt, out[:h], position=True)
-        if h == TOKENS - 1:
+        if h == n - 1:
             # positions run far past the model's trained context
             assert position > model.args.max_position_embeddings
         got = keep.seen[h]
