@@ -15,24 +15,26 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Starts a command and writes its exit code, CPU seconds and ru_maxrss to a
-# file. A process's ru_maxrss on Linux starts from its parent's peak (exec keeps
-# the high-water mark of the address space it replaces, which subprocess's
-# vfork shares with the parent), so a command started straight from a large
-# process (bench_scale holds models) would report that process's peak; this
-# small one in between is the parent whose peak is counted in (about 10 MB).
+# Starts a command and writes its exit code, wall and CPU seconds and
+# ru_maxrss to a file. A process's ru_maxrss on Linux starts from its parent's
+# peak (exec keeps the high-water mark of the address space it replaces, which
+# subprocess's vfork shares with the parent), so a command started straight
+# from a large process (bench_scale holds models) would report that process's
+# peak; this small one in between is the parent whose peak is counted in
+# (about 10 MB).
 _MEASURE = (
-    "import os, subprocess, sys\n"
+    "import os, subprocess, sys, time\n"
+    "t0 = time.perf_counter()\n"
     "p = subprocess.Popen(sys.argv[2:])\n"
     "_, status, usage = os.wait4(p.pid, 0)\n"
+    "p.returncode = os.waitstatus_to_exitcode(status)\n"
     "with open(sys.argv[1], 'w') as f:\n"
-    "    f.write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}')\n"
+    "    f.write(f'{p.returncode} {time.perf_counter() - t0} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}')\n"
 )
 
 
@@ -40,18 +42,19 @@ def run(cmd, log: Path):
     """Run ``cmd``; return (wall seconds, CPU seconds, peak RSS bytes) of that
     process alone."""
     measured = log.with_suffix(".usage")
+    measured.unlink(missing_ok=True)
     with open(log, "w") as f:
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", _MEASURE, str(measured)] + [str(c) for c in cmd], cwd=ROOT,
-                       stdout=f, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
-    code, cpu, maxrss = measured.read_text().split()
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(measured)] + [str(c) for c in cmd], cwd=ROOT,
+                           stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode or not measured.exists():
+        sys.exit(f"{' '.join(map(str, cmd))} could not be measured (exit {r.returncode}); see {log}")
+    code, wall, cpu, maxrss = measured.read_text().split()
     measured.unlink()
     if int(code):
         sys.exit(f"{' '.join(map(str, cmd))} failed (exit {code}); see {log}")
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     rss = int(maxrss) * (1 if sys.platform == "darwin" else 1024)
-    return wall, float(cpu), rss
+    return float(wall), float(cpu), rss
 
 
 def weight_files(path: Path):

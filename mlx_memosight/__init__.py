@@ -14,8 +14,8 @@ import warnings
 # Launched as a command (`python -m mlx_memosight.<cmd>` or a console script),
 # Ctrl-C before the command's own handler is in place (while Python imports
 # this package and the command) ends the process quietly; the command then
-# restores Python's handler (mlx_memosight.cli.run). Imported as a library,
-# nothing changes.
+# installs its own (mlx_memosight.cli.run). Imported as a library, nothing
+# changes.
 _COMMAND_START = bool(sys.argv) and (
     sys.argv[0] == "-m" or os.path.basename(sys.argv[0]).startswith("mlx_memosight"))
 

@@ -83,9 +83,17 @@ def _interrupt(prog, signum, frame):
     modules (torch's, which transformers imports when it is installed) run
     Python code from C++ as they load, and a KeyboardInterrupt raised there can
     abort the process (``terminate called after throwing ...``) instead of
-    reaching the command. No command keeps anything made during an import, so
-    the process leaves at once."""
+    reaching the command. There the process leaves at once, after removing
+    the unfinished outputs the ``with`` blocks it skips would have removed."""
     if _in_import(frame):
+        outputs = sys.modules.get("mlx_memosight.outputs")
+        if outputs is not None:
+            outputs.remove_unfinished()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a flush the signal interrupted
+                pass
         os.write(2, f"\n{prog}: interrupted\n".encode())
         os._exit(130)
     raise KeyboardInterrupt
@@ -113,8 +121,8 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Op
     return value when it is an int.
     """
     prog = parser.prog
-    # the package's start-up handler (if any) hands Ctrl-C back to Python,
-    # whose KeyboardInterrupt the except clause below turns into exit 130
+    # the package's start-up handler (if any) gives way to one raising
+    # KeyboardInterrupt, which the except clause below turns into exit 130
     if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_quiet_interrupt":
         signal.signal(signal.SIGINT, functools.partial(_interrupt, prog))
     try:

@@ -5,8 +5,10 @@ stream out one at a time."""
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Dict
 
 from .errors import OutputError, one_line
 
@@ -94,6 +96,40 @@ def _replace(tmp: Path, out: Path):
         os.replace(tmp, out)
 
 
+# staged outputs and scratch folders of this process not yet finished, with the
+# parent folders made for them: what an exit that skips the blocks' own cleanup
+# removes (see :func:`remove_unfinished`)
+_UNFINISHED: Dict[Path, list] = {}
+
+
+def _discard(tmp: Path, made: list):
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+    _remove_parents(made)
+
+
+def remove_unfinished():
+    """Remove the staged outputs and scratch folders still open: for a process
+    that leaves at once (``os._exit``), whose ``with`` blocks never finish."""
+    for tmp, made in list(_UNFINISHED.items()):
+        _discard(tmp, made)
+        _UNFINISHED.pop(tmp, None)
+
+
+@contextmanager
+def scratch_folder(beside: Path, prefix: str):
+    """A temporary folder in ``beside``, removed when the block ends."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=beside))
+    _UNFINISHED[tmp] = []
+    try:
+        yield tmp
+    finally:
+        _discard(tmp, [])
+        _UNFINISHED.pop(tmp, None)
+
+
 @contextmanager
 def _staged(out, force: bool, folder: bool):
     out = Path(out)
@@ -108,16 +144,15 @@ def _staged(out, force: bool, folder: bool):
     except OSError as e:
         _remove_parents(made)
         raise OutputError(f"{out}: cannot create the output folder ({e.strerror or one_line(e)})")
+    _UNFINISHED[tmp] = made
     try:
         yield tmp
         _replace(tmp, out)
     except BaseException:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        _remove_parents(made)
+        _discard(tmp, made)
         raise
+    finally:
+        _UNFINISHED.pop(tmp, None)
 
 
 def staged_folder(out, force: bool = False):

@@ -196,25 +196,35 @@ def test_streamed_shards_are_exact(checkpoint, converted):
     mlx_lm.load(str(out))
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+# per dtype: the unsigned type of its width and the bits of its largest finite value
+_LARGEST = {mx.bfloat16: (mx.uint16, 0x7F7F), mx.float16: (mx.uint16, 0x7BFF), mx.float32: (mx.uint32, 0x7F7FFFFF)}
+
+
+@pytest.mark.parametrize("dtype", list(_LARGEST))
 def test_finite_check_finds_every_bad_value_within_a_bounded_memory(monkeypatch, dtype):
     """The NaN / inf check reads the raw bits a slice at a time: it sees every
     value (the largest finite ones pass), and needs little memory beside the
-    tensor."""
+    tensor, in MLX or in NumPy."""
     import tracemalloc
 
     from mlx_memosight.convert import writer
 
+    uint, bits = _LARGEST[dtype]
+    largest = mx.array([bits], uint).view(dtype)
     x = mx.random.normal((1024, 4096)).astype(dtype)
-    x[3, 7] = float(np.finfo(np.float16).max) if dtype == mx.float16 else 3e38
-    x[5, 9] = -x[3, 7]
+    x[3, 7] = largest[0]
+    x[5, 9] = -largest[0]
     mx.eval(x)
     monkeypatch.setattr(writer, "CHECK_ELEMENTS", x.size // 16)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
     tracemalloc.start()
     assert writer._all_finite(x)
-    peak = tracemalloc.get_traced_memory()[1]
+    numpy_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 0.3 * x.nbytes, peak  # slices, no copy of the tensor
+    assert numpy_peak < 0.3 * x.nbytes, numpy_peak  # slices, no copy of the tensor
+    assert mx.get_peak_memory() - base < 0.1 * x.nbytes
     monkeypatch.setattr(writer, "CHECK_ELEMENTS", 1000)
     for flat_index, bad in ((0, float("nan")), (x.size - 1, float("inf")), (1500, -float("inf")), (999, -float("nan"))):
         y = mx.array(x).reshape(-1)

@@ -110,19 +110,24 @@ def test_every_flag_has_help(name):
 def test_ctrl_c_during_an_import_leaves_at_once(tmp_path, where):
     """Ctrl-C while a command imports a module ends the process there (an
     extension module calling Python from C++ as it loads could otherwise abort
-    it); elsewhere it is Python's KeyboardInterrupt, so cleanup still runs."""
+    it), removing the unfinished output; elsewhere it is Python's
+    KeyboardInterrupt, so the command's cleanup runs."""
     interrupt = "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\nprint('went on')\n"
     (tmp_path / "slow_module.py").write_text(interrupt)
-    body = "import slow_module" if where == "import" else interrupt.replace("\n", "\n        ")
+    body = "import slow_module" if where == "import" else interrupt.replace("\n", "\n            ")
     # a script whose name starts like the console scripts' runs as a command does
     script = tmp_path / "mlx_memosight_probe.py"
     script.write_text(
         "import argparse\n"
         "import mlx_memosight\n"
         "from mlx_memosight import cli\n"
+        "from mlx_memosight.outputs import staged_folder\n"
         "def body(args):\n"
         "    try:\n"
-        f"        {body}\n"
+        "        with staged_folder('out/model') as tmp:\n"
+        "            (tmp / 'weights').write_text('half')\n"
+        "            print('unfinished', flush=True)\n"
+        f"            {body}\n"
         "    finally:\n"
         "        print('cleanup ran', flush=True)\n"
         "cli.run(argparse.ArgumentParser(prog='probe'), body, [])\n"
@@ -133,6 +138,8 @@ def test_ctrl_c_during_an_import_leaves_at_once(tmp_path, where):
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == "probe: interrupted"
     assert "went on" not in r.stdout
     assert ("cleanup ran" in r.stdout) == (where == "work"), r.stdout
+    # the output being written is removed either way, with the folder made for it
+    assert "unfinished" in r.stdout and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.5, 1.5])

@@ -15,7 +15,6 @@ the converted one; with ``gguf`` the folder is also written as one GGUF file
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +23,7 @@ from ..options import ConvertOptions, MemoSightOverrides, add_arguments
 
 
 from ..errors import one_line
-from ..outputs import check_output, staged_folder
+from ..outputs import check_output, scratch_folder, staged_folder
 from ..errors import ConvertError
 
 def _check_quantization(bits: Optional[int], group_size: Optional[int]):
@@ -142,7 +141,7 @@ def convert(
         if out_path is None:
             # The MLX folder the GGUF file is written from lives in a
             # temporary folder beside it.
-            with tempfile.TemporaryDirectory(prefix=f".{gguf.name}.mlx-", dir=gguf.parent) as tmp:
+            with scratch_folder(gguf.parent, f".{gguf.name}.mlx-") as tmp:
                 mlx_dir = Path(tmp) / "model"
                 summary = convert(ckpt_path, mlx_dir, dtype, quantize, q_bits, q_group_size, force,
                                   verify, max_shard_bytes, progress,

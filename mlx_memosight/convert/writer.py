@@ -97,7 +97,7 @@ def shard_entries(entries, max_bytes: int) -> List[list]:
 
 
 def _convert_tensor(job: TensorJob, x: mx.array) -> List[mx.array]:
-    if job.dtype is not None and mx.issubdtype(x.dtype, mx.floating):
+    if job.dtype is not None and job.dtype != x.dtype and mx.issubdtype(x.dtype, mx.floating):
         x = x.astype(job.dtype)
     if job.quantize is None:
         return [x]
@@ -105,8 +105,8 @@ def _convert_tensor(job: TensorJob, x: mx.array) -> List[mx.array]:
     return list(mx.quantize(x, group_size, bits, mode=mode))[: len(job.outputs)]
 
 
-# elements per finiteness check: its temporaries stay small and in cache
-CHECK_ELEMENTS = 1 << 22
+# elements per finiteness check: its temporaries stay at a few MB whatever the tensor
+CHECK_ELEMENTS = 1 << 20
 # per float dtype, the exponent bits: a value is NaN or infinite when all are set
 _EXPONENT_BITS = {mx.float16: 0x7C00, mx.bfloat16: 0x7F80, mx.float32: 0x7F800000}
 
@@ -119,7 +119,7 @@ def _all_finite(a: mx.array) -> bool:
         return bool(mx.all(mx.isfinite(a)).item())
     exponent = _EXPONENT_BITS[a.dtype]
     bits = np.asarray(a.view(_SAME_WIDTH_UINT[a.dtype.size])).reshape(-1)
-    return not any(np.any(bits[i : i + CHECK_ELEMENTS] & exponent == exponent)
+    return not any(np.any((bits[i : i + CHECK_ELEMENTS] & exponent) == exponent)
                    for i in range(0, bits.size, CHECK_ELEMENTS))
 
 
@@ -131,7 +131,7 @@ def _check_finite(wf, job: TensorJob, x: mx.array, arrays: List[mx.array]):
     floats = [a for a in [x] + [a for a in arrays if a is not x] if mx.issubdtype(a.dtype, mx.floating)]
     for a in floats:
         if not _all_finite(a):
-            where = " in the checkpoint" if a is x else f" once cast to {arrays[0].dtype}"
+            where = " in the checkpoint" if a is x else " once quantized" if job.quantize else f" once cast to {a.dtype}"
             raise ConvertError(f"{wf.path}: tensor {job.name} holds NaN or infinite values{where}")
 
 
