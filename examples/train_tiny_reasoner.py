@@ -69,7 +69,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=demo.TASKS, default="days",
                    help="days: the packaged demo model's task; turns: the long-reasoning task (answers of "
-                        "1,400-5,300 tokens)")
+                        "2,000-6,900 tokens)")
     p.add_argument("--out", default=None, help="folder for data, tokenizer and the plain model "
                    "(default: tiny-reasoner, or tiny-reasoner-long for --task turns)")
     p.add_argument("--demo-dir", default=None, help="where the MemoSight model goes (default: "
@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 5000 (turns)")
+    p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 6000 (turns)")
     p.add_argument("--valid-examples", type=int, default=64)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--bare-questions", type=float, default=0.2,
@@ -91,12 +91,12 @@ def build_parser():
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--iters", type=int, default=None, help="default: --train-examples")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--learning-rate", type=float, default=None, help="default: 5e-4 (days), 1e-3 (turns)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
-    p.add_argument("--short-share", type=float, default=0.85,
+    p.add_argument("--short-share", type=float, default=0.88,
                    help="--task turns: share of training problems with %d-%d turns (the rest have %d-%d, as the "
                    "held-out ones); short problems teach the steps at a fraction of the cost"
                    % (*demo.SHORT_TURNS, demo.MIN_TURNS, demo.MAX_TURNS))
@@ -107,8 +107,8 @@ def build_parser():
     return p
 
 
-# per task: defaults of (--out, --train-examples, --max-position)
-TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048), "turns": ("tiny-reasoner-long", 5000, 8192)}
+# per task: defaults of (--out, --train-examples, --max-position, --learning-rate)
+TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048, 5e-4), "turns": ("tiny-reasoner-long", 6000, 8192, 1e-3)}
 
 
 def parse_args(argv):
@@ -116,11 +116,13 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0 <= args.short_share < 1:
         parser.error(f"--short-share must be in [0, 1), got {args.short_share}")
-    out, examples, max_position = TASK_DEFAULTS[args.task]
+    out, examples, max_position, learning_rate = TASK_DEFAULTS[args.task]
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
     args.iters = args.iters or args.train_examples
     args.max_position = args.max_position or max_position
+    if args.learning_rate is None:
+        args.learning_rate = learning_rate
     if args.demo_dir is None:
         args.demo_dir = str(demo.DEMO_DIR) if args.task == "days" else str(Path(args.out) / "memosight")
     return args

@@ -11,12 +11,13 @@ MemoSight's KV savings show. Counts and days have two digits, so every step
 has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
-same amount many times (64 to 240 turns, so answers of about 1,400 to 5,300
-tokens), one step per turn: ``Turn 011: Mia moves it 7, so 95 + 7 = 2.``.
+same amount many times (64 to 240 turns, so answers of about 2,000 to 6,900
+tokens), one step per turn: ``Turn 011 of 131: Mia moves it 7, so 95 + 7 = 2.``.
 Each step needs only the question and the previous step's result, so once a
 step is compressed its memory tokens must carry the dial's value and the turn
 number; nothing else of the past is needed, which is the situation MemoSight
-is built for.
+is built for. The step repeats the number of turns, so whether it is the last
+one is read off the step itself.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -39,7 +40,7 @@ SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
 MIN_COUNT, MAX_COUNT = 10, 99
 MIN_TURNS, MAX_TURNS = 64, 240
-SHORT_TURNS = (8, 48)  # the short problems the long-reasoning model also trains on
+SHORT_TURNS = (6, 30)  # the short problems the long-reasoning model also trains on
 DIAL = 100  # the dial shows 0 .. 99
 TASKS = ("days", "turns")
 
@@ -128,7 +129,7 @@ def make_turns_problem(rng: np.random.Generator, turns_range=(MIN_TURNS, MAX_TUR
         f"{DIAL - 1} it goes on from 0. What does it show after {turns} turns?"
     )
     thoughts = [
-        f"Turn {t:03d}: {name} moves it {n}, so {counts[t - 1]} + {n} = {counts[t]}."
+        f"Turn {t:03d} of {turns:03d}: {name} moves it {n}, so {counts[t - 1]} + {n} = {counts[t]}."
         for t in range(1, turns + 1)
     ]
     thoughts.append(f"After {turns} turns the dial shows \\boxed{{{counts[-1]}}}.")

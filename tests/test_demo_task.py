@@ -91,7 +91,7 @@ TURNS_QUESTION = re.compile(
     r"(\w+)'s dial shows (\d+)\. Every turn (he|she) moves it (\d) forward, and after 99 it goes on "
     r"from 0\. What does it show after (\d+) turns\?"
 )
-TURN = re.compile(r"Turn (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN = re.compile(r"Turn (\d\d\d) of (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 
 def test_long_task_answers_and_steps_are_right():
@@ -109,9 +109,9 @@ def test_long_task_answers_and_steps_are_right():
         for t, step in enumerate(p.thoughts[:-1], 1):
             s = TURN.fullmatch(step)
             assert s, step
-            assert int(s[1]) == t and s[2] == m[1] and int(s[3]) == int(s[5]) == n
-            assert int(s[4]) == value and int(s[6]) == (value + n) % 100
-            value = int(s[6])
+            assert int(s[1]) == t and int(s[2]) == turns and s[3] == m[1] and int(s[4]) == int(s[6]) == n
+            assert int(s[5]) == value and int(s[7]) == (value + n) % 100
+            value = int(s[7])
         assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
         assert split_steps(p.solution) == p.thoughts
         assert score(p.solution, p.eval_item())
