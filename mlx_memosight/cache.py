@@ -316,13 +316,7 @@ class BatchKVCache(_Layers):
         if start == end:
             return
         if end < length:
-            b = row.index
-            tails = [mx.contiguous(x[b : b + 1, :, end:length, :]) for c in self.layers for x in (c.keys, c.values)]
-            mx.eval(tails)
-            n = length - end
-            for i, c in enumerate(self.layers):
-                c.keys[b : b + 1, :, start : start + n, :] = tails[2 * i]
-                c.values[b : b + 1, :, start : start + n, :] = tails[2 * i + 1]
+            kernels.compact(self.layers, start, end, length, row=row.index)
         row.length = length - (end - start)
 
     @property

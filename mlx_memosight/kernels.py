@@ -73,25 +73,32 @@ def use_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
 
 
-def compact_reference(layers, start: int, end: int, length: int):
-    """Move entries ``[end, length)`` of every layer down to ``start``.
+def _rows(row: Optional[int]):
+    return slice(None) if row is None else slice(row, row + 1)
+
+
+def compact_reference(layers, start: int, end: int, length: int, row: Optional[int] = None):
+    """Move entries ``[end, length)`` of every layer down to ``start``, in
+    every batch row or in ``row`` only.
 
     The tails are copied out and evaluated first so that the slice updates
     below write into the existing buffers instead of copying them whole.
     """
+    rows = _rows(row)
     tails = []
     for c in layers:
-        tails.append(mx.contiguous(c.keys[..., end:length, :]))
-        tails.append(mx.contiguous(c.values[..., end:length, :]))
+        tails.append(mx.contiguous(c.keys[rows, :, end:length, :]))
+        tails.append(mx.contiguous(c.values[rows, :, end:length, :]))
     mx.eval(tails)
-    _write_tails(layers, start, tails)
+    _write_tails(layers, start, tails, row)
 
 
-def _write_tails(layers, start: int, tails):
+def _write_tails(layers, start: int, tails, row: Optional[int] = None):
+    rows = _rows(row)
     n = tails[0].shape[2]
     for i, c in enumerate(layers):
-        c.keys[..., start : start + n, :] = tails[2 * i]
-        c.values[..., start : start + n, :] = tails[2 * i + 1]
+        c.keys[rows, :, start : start + n, :] = tails[2 * i]
+        c.values[rows, :, start : start + n, :] = tails[2 * i + 1]
 
 
 # ----------------------------------------------------------------------------
@@ -333,21 +340,26 @@ def compact_supported(layers) -> bool:
     )
 
 
-def compact_tails(layers, end: int, length: int, launch=None):
-    """Entries ``[end, length)`` of every layer's keys and values, copied out
-    by the compaction kernel in ``ceil(2 * layers / 28)`` dispatches and
-    evaluated.
+def compact_tails(layers, end: int, length: int, launch=None, row: Optional[int] = None):
+    """Entries ``[end, length)`` of every layer's keys and values (in every
+    batch row, or in ``row`` only), copied out by the compaction kernel in
+    ``ceil(2 * layers / 28)`` dispatches and evaluated.
 
     Returns:
-        ``[keys_0, values_0, keys_1, ...]``, each ``(B, H, length - end, D)``.
+        ``[keys_0, values_0, keys_1, ...]``, each ``(B, H, length - end, D)``
+        (``B`` is 1 with ``row``).
     """
     launch = launch or metal_launch
     arrays = [x for c in layers for x in (c.keys, c.values)]
     B, H, _, D = arrays[0].shape
+    if row is not None:
+        if not 0 <= row < B:
+            raise ValueError(f"row {row} of a batch of {B}")
+        B = 1
     count = length - end
     n_chunks = math.ceil(len(arrays) / MAX_COMPACT_ARRAYS)
     size = math.ceil(len(arrays) / n_chunks)
-    span = mx.array([end, count], dtype=mx.int32)
+    span = mx.array([end, count, -1 if row is None else row], dtype=mx.int32)
     outs = []
     for i in range(0, len(arrays), size):
         chunk = arrays[i : i + size]
@@ -367,9 +379,9 @@ def compact_tails(layers, end: int, length: int, launch=None):
     return [t[j] for t in outs for j in range(t.shape[0])]
 
 
-def compact_kernel(layers, start: int, end: int, length: int, launch=None):
+def compact_kernel(layers, start: int, end: int, length: int, launch=None, row: Optional[int] = None):
     """:func:`compact_reference` with the tails copied out by the kernel."""
-    _write_tails(layers, start, compact_tails(layers, end, length, launch))
+    _write_tails(layers, start, compact_tails(layers, end, length, launch, row), row)
 
 
 # ----------------------------------------------------------------------------
@@ -441,10 +453,12 @@ def self_check_compact(dtype, shape) -> Optional[str]:
         kk, kv = mx.random.split(mx.random.key(11 + i))
         layers.append(_Layer(mx.random.normal((B, H, 64, D), key=kk).astype(dtype),
                              mx.random.normal((B, H, 64, D), key=kv).astype(dtype)))
-    tails = compact_tails(layers, 20, 50)
-    want = [x[..., 20:50, :] for c in layers for x in (c.keys, c.values)]
-    if not all(mx.array_equal(a, b).item() for a, b in zip(tails, want)):
-        return f"copies other values than it reads on a {dtype} test problem"
+    for row in (None, B - 1):
+        tails = compact_tails(layers, 20, 50, row=row)
+        want = [x[_rows(row), :, 20:50, :] for c in layers for x in (c.keys, c.values)]
+        if not all(mx.array_equal(a, b).item() for a, b in zip(tails, want)):
+            return f"copies other values than it reads on a {dtype} test problem" + (
+                "" if row is None else f" (batch row {row} of {B})")
     return None
 
 
@@ -487,14 +501,15 @@ def attention(queries, keys, values, scale: float, mask: CompactMask) -> mx.arra
     return attention_reference(queries, keys, values, scale, mask)
 
 
-def compact(layers, start: int, end: int, length: int):
-    """Remove the span ``[start, end)`` from every layer's K/V buffers."""
+def compact(layers, start: int, end: int, length: int, row: Optional[int] = None):
+    """Remove the span ``[start, end)`` from every layer's K/V buffers, in
+    every batch row or in ``row`` only."""
     if kernels_available() and compact_supported(layers):
         first = layers[0].keys
         key = ("compact", str(first.dtype), len(layers))
         tails = _run_kernel("compaction", key, lambda: self_check_compact(first.dtype, first.shape),
-                            lambda: compact_tails(layers, end, length))
+                            lambda: compact_tails(layers, end, length, row=row))
         if tails is not None:
-            _write_tails(layers, start, tails)
+            _write_tails(layers, start, tails, row)
             return
-    compact_reference(layers, start, end, length)
+    compact_reference(layers, start, end, length, row)

@@ -130,6 +130,26 @@ def test_compaction_kernel_equals_reference(launch, monkeypatch, dtype, span):
                                   np.array(y[..., :n, :].view(mx.uint16 if dtype != F32 else mx.uint32)))
 
 
+@pytest.mark.parametrize("dtype,row", [(F16, 0), (BF16, 2), (F32, 1)])
+def test_compaction_kernel_moves_one_batch_row(launch, dtype, row):
+    """A batched cache evicts per row: the kernel moves that row's tail and
+    leaves the other rows as they were."""
+    rng = np.random.default_rng(fresh_seed())
+    cache = _filled_cache(rng, 2, 50, dtype, B=3)
+    expected = _copy_cache(cache)
+    before = _copy_cache(cache)
+    kernels.compact_kernel(cache.layers, 7, 19, 50, launch=launch, row=row)
+    kernels.compact_reference(expected.layers, 7, 19, 50, row=row)
+    bits = mx.uint16 if dtype != F32 else mx.uint32
+    for a, b, c in zip(cache.layers, expected.layers, before.layers):
+        for x, y, z in ((a.keys, b.keys, c.keys), (a.values, b.values, c.values)):
+            assert np.array_equal(np.array(x.view(bits)), np.array(y.view(bits)))
+            # the row's entries after the span moved down; the other rows are untouched
+            assert np.array_equal(np.array(x[row, :, 7:38].view(bits)), np.array(z[row, :, 19:50].view(bits)))
+            others = [r for r in range(3) if r != row]
+            assert np.array_equal(np.array(x[others].view(bits)), np.array(z[others].view(bits)))
+
+
 def test_compaction_kernel_many_layers(launch):
     """More arrays than one dispatch can bind: two dispatches, each layer right."""
     rng = np.random.default_rng(fresh_seed())
@@ -318,6 +338,8 @@ def test_batched_engine_through_the_kernel(launch, monkeypatch):
     monkeypatch.setattr(kernels, "_checked", set())
     assert BatchEngine(model, cfg, draft_len=2).generate_all(prompts, 40) == expected, f"seed {seed}"
     assert used["batched"] > 0 and not kernels._failed
+    # rows evict on their own through the compaction kernel
+    assert sum(n for name, n in used.items() if name.startswith("memosight_compact")) > 0
 
 
 @pytest.mark.parametrize("broken", ["attention", "compaction"])
