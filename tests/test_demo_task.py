@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from conftest import ROOT
 from mlx_memosight import demo
 from mlx_memosight.datasets import split_steps
 from mlx_memosight.scoring import extract_boxed, load_items, score
@@ -135,3 +136,25 @@ def test_short_turns_problems_for_training():
     assert short == demo.problems("train", 40, task="turns", turns_range=demo.SHORT_TURNS)
     with pytest.raises(ValueError, match="turns task only"):
         demo.problems("train", 1, turns_range=(8, 9))
+
+
+def test_turn_steps_diagnosis():
+    """examples/turn_steps.py: every check holds on a true solution; a step
+    that took a wrong value and one that named the wrong total are counted
+    as such."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("turn_steps", ROOT / "examples" / "turn_steps.py")
+    turn_steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(turn_steps)
+    p = demo.problems("heldout", 1, task="turns")[0]
+    turns = len(p.thoughts) - 1
+    counts = turn_steps.check_answer(p.question, p.solution)
+    assert counts == dict.fromkeys(("steps",) + turn_steps.CHECKS, turns)
+    steps = list(p.thoughts)
+    a, b = p.counts[4], (p.counts[4] + 1) % 100
+    steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # turn 5 starts from a wrong value
+    steps[9] = steps[9].replace(f" of {turns:03d}:", f" of {turns + 1:03d}:")
+    counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
+    assert counts["carried"] == counts["addition"] == counts["total"] == turns - 1
+    assert counts["turn"] == counts["name"] == counts["steps"] == turns

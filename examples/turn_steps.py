@@ -1,0 +1,60 @@
+"""Per-step diagnosis of answers to the long-reasoning task (``turns``).
+
+    python examples/turn_steps.py RESULTS.jsonl [...]
+
+RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
+``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
+steps are (``Turn 011 of 131: Mia moves it 7, so 95 + 7 = 2.``) it checks
+what the step had to get right: the turn after the previous step's, the
+number of turns and the name from the question, the value the previous step
+ended with (which, once that step is compressed, only its memory entries
+carry), and the addition. Prints the share of steps right on each.
+"""
+
+import json
+import re
+import sys
+
+STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+QUESTION = re.compile(r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
+CHECKS = ("turn", "total", "name", "carried", "addition")
+
+
+def check_answer(question: str, output: str) -> dict:
+    """Counts of steps in the task's form and of those right on each check."""
+    q = QUESTION.search(question)
+    if q is None:
+        raise ValueError(f"not a question of the turns task: {question[:80]!r}")
+    name, value, turns = q[1], int(q[2]), int(q[4])
+    counts = dict.fromkeys(("steps",) + CHECKS, 0)
+    turn = 0
+    for text in output.split("\n\n"):
+        m = STEP.fullmatch(text.strip())
+        if m is None:
+            continue
+        t, total, who, x, n, y = int(m[1]), int(m[2]), m[3], int(m[5]), int(m[6]), int(m[7])
+        counts["steps"] += 1
+        counts["turn"] += t == turn + 1
+        counts["total"] += total == turns
+        counts["name"] += who == name
+        counts["carried"] += x == value
+        counts["addition"] += y == (x + n) % 100
+        turn, value = t, y
+    return counts
+
+
+def main(argv=None):
+    paths = (argv if argv is not None else sys.argv[1:]) or sys.exit(__doc__)
+    for path in paths:
+        rows = [json.loads(line) for line in open(path)]
+        total = dict.fromkeys(("steps",) + CHECKS, 0)
+        for r in rows:
+            for k, v in check_answer(r["question"], r["output"]).items():
+                total[k] += v
+        right = sum(bool(r["correct"]) for r in rows)
+        shares = ", ".join(f"{k} {total[k] / max(total['steps'], 1):.1%}" for k in CHECKS)
+        print(f"{path}: {right}/{len(rows)} answers right; {total['steps']} steps in the task's form, right on: {shares}")
+
+
+if __name__ == "__main__":
+    main()
