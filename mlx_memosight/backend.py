@@ -121,6 +121,42 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
     return {T: memo[cached, T] for T in sizes}
 
 
+
+def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int = 2,
+                    chunk: int = 512) -> Dict[int, float]:
+    """Median seconds of a one-token pass over a KV cache of each of
+    ``lengths`` entries, measured as :func:`pass_costs` measures it but in one
+    cache grown from the shortest length to the longest (prefilled ``chunk``
+    tokens at a time), so the cost of measuring is one prefill of the longest
+    length rather than one per length. Kept on the model as
+    :func:`pass_costs` keeps its results."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    memo = model.__dict__.setdefault("_memosight_pass_costs", {})
+    todo = sorted({n for n in lengths if (n, 1) not in memo})
+    if todo:
+        if todo[0] < 1:
+            raise ValueError(f"a pass needs at least one cached entry, got {todo[0]}")
+        vocab = model.args.vocab_size
+        cache = make_prompt_cache(model)
+        token = mx.array([[3 % vocab]])
+        held = 0
+        for n in todo:
+            while held < n:
+                step = min(chunk, n - held)
+                mx.eval(model(mx.array([[(held + i) % vocab for i in range(step)]]), cache=cache))
+                held += step
+            times = []
+            for r in range(warmup + rounds):
+                tic = time.perf_counter()
+                mx.eval(model(token, cache=cache))
+                if r >= warmup:
+                    times.append(time.perf_counter() - tic)
+                for c in cache:
+                    c.trim(1)
+            memo[n, 1] = statistics.median(times)
+    return {n: memo[n, 1] for n in lengths}
+
 # Measured on MLX's CPU backend (Linux wheel, reference BLAS, 2-core x86-64;
 # examples/bench_scale.py prints the decode figures): a one-token product with
 # a 896 x 4864 matrix took 5.1 ms in float32, 4.7 ms in bfloat16, 10.0 ms in

@@ -295,16 +295,14 @@ def _grid(n: float) -> int:
 def attention_shares(model, lengths) -> Dict[int, float]:
     """Per KV length ``n`` (on the grid), the share of a one-token pass over
     ``n`` cached entries that attending to them takes: ``(t(n) - t(1)) /
-    t(n)``, from median pass times measured here (the rest of a pass does not
-    depend on the cache)."""
-    from .backend import pass_costs
+    t(n)``, from median pass times measured here in one growing cache (the
+    rest of a pass does not depend on the cache)."""
+    from .backend import one_token_costs
 
-    base = pass_costs(model, [1], cached=1)[1]
-    out = {}
-    for n in sorted(set(lengths)):
-        t = pass_costs(model, [1], cached=n)[1]
-        out[n] = max(0.0, (t - base) / t) if t > 0 else 0.0
-    return out
+    lengths = sorted(set(lengths))
+    times = one_token_costs(model, [1] + lengths)
+    base = times[1]
+    return {n: max(0.0, (times[n] - base) / times[n]) if times[n] > 0 else 0.0 for n in lengths}
 
 
 def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:

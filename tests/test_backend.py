@@ -75,3 +75,31 @@ def test_generate_and_convert_say_so(tmp_path, capsys):
     assert code == 0 and "quantized weights run about 30x slower" in err
     code, _, err = run_command(generate_main, ["--prompt", "x", "--max-tokens", 2], capsys)
     assert code == 0 and "notice" not in err  # the demo model is float32
+
+
+def test_one_token_costs_grow_one_cache():
+    """Each length is timed with exactly that many cached entries, all in one
+    cache prefilled once up to the longest (chunk by chunk), and each length
+    is measured once per model."""
+    from helpers import mlx_model, vocab_size
+
+    class Recording:
+        """The model, recording each call's (tokens, cached entries, cache)."""
+
+        def __init__(self, model):
+            self.model, self.args, self.layers, self.calls = model, model.args, model.layers, []
+
+        def __call__(self, inputs, cache=None):
+            self.calls.append((inputs.shape[1], cache[0].offset, id(cache)))
+            return self.model(inputs, cache=cache)
+
+    model = Recording(mlx_model("qwen2", vocab_size())[0])
+    costs = backend.one_token_costs(model, [300, 1, 40, 300], rounds=3, warmup=1, chunk=128)
+    assert set(costs) == {1, 40, 300} and all(t > 0 for t in costs.values())
+    assert [(T, n) for T, n, _ in model.calls] == (
+        [(1, 0)] + [(1, 1)] * 4 + [(39, 1)] + [(1, 40)] * 4 + [(128, 40), (128, 168), (4, 296)] + [(1, 300)] * 4)
+    assert len({c for _, _, c in model.calls}) == 1  # one cache
+    n = len(model.calls)
+    assert backend.one_token_costs(model, [40, 1]) == {40: costs[40], 1: costs[1]} and len(model.calls) == n
+    with pytest.raises(ValueError, match="at least one cached entry"):
+        backend.one_token_costs(model, [0])
