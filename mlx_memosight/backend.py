@@ -125,11 +125,12 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
 def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int = 2,
                     chunk: int = 512) -> Dict[int, float]:
     """Median seconds of a one-token pass over a KV cache of each of
-    ``lengths`` entries, measured as :func:`pass_costs` measures it but in one
-    cache grown from the shortest length to the longest (prefilled ``chunk``
-    tokens at a time), so the cost of measuring is one prefill of the longest
-    length rather than one per length. Kept on the model as
-    :func:`pass_costs` keeps its results."""
+    ``lengths`` entries. One cache is prefilled once to the longest length
+    (``chunk`` tokens at a time); each round then times a pass at every
+    length in turn, the cache's length set back before each, so a slow spell
+    of the machine spreads over all lengths instead of skewing one, and
+    measuring costs one prefill rather than one per length. Kept on the
+    model as :func:`pass_costs` keeps its results."""
     from mlx_lm.models.cache import make_prompt_cache
 
     memo = model.__dict__.setdefault("_memosight_pass_costs", {})
@@ -139,22 +140,21 @@ def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int 
             raise ValueError(f"a pass needs at least one cached entry, got {todo[0]}")
         vocab = model.args.vocab_size
         cache = make_prompt_cache(model)
+        for start in range(0, todo[-1], chunk):
+            step = min(chunk, todo[-1] - start)
+            mx.eval(model(mx.array([[(start + i) % vocab for i in range(step)]]), cache=cache))
         token = mx.array([[3 % vocab]])
-        held = 0
-        for n in todo:
-            while held < n:
-                step = min(chunk, n - held)
-                mx.eval(model(mx.array([[(held + i) % vocab for i in range(step)]]), cache=cache))
-                held += step
-            times = []
-            for r in range(warmup + rounds):
+        times = {n: [] for n in todo}
+        for r in range(warmup + rounds):
+            for n in todo:
+                for c in cache:
+                    c.offset = n  # the entries past it stay in the buffer: the pass sees exactly n
                 tic = time.perf_counter()
                 mx.eval(model(token, cache=cache))
                 if r >= warmup:
-                    times.append(time.perf_counter() - tic)
-                for c in cache:
-                    c.trim(1)
-            memo[n, 1] = statistics.median(times)
+                    times[n].append(time.perf_counter() - tic)
+        for n, v in times.items():
+            memo[n, 1] = statistics.median(v)
     return {n: memo[n, 1] for n in lengths}
 
 # Measured on MLX's CPU backend (Linux wheel, reference BLAS, 2-core x86-64;

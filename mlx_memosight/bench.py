@@ -280,8 +280,8 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
         return f"{h:.0f}" + ("" if share is None else f" ({share:.0%})")
 
     lines += table("KV entries at the end of each window, and (in brackets) the share of a one-token pass over that "
-                   "many entries spent attending to them (measured here: pass time over n entries less over 1 entry, "
-                   "over the first):", held)
+                   "many entries spent attending to them (from a line fitted through pass times measured here at 1 "
+                   "entry and at each length):", held)
     return "\n".join(lines)
 
 
@@ -294,15 +294,21 @@ def _grid(n: float) -> int:
 
 def attention_shares(model, lengths) -> Dict[int, float]:
     """Per KV length ``n`` (on the grid), the share of a one-token pass over
-    ``n`` cached entries that attending to them takes: ``(t(n) - t(1)) /
-    t(n)``, from median pass times measured here in one growing cache (the
-    rest of a pass does not depend on the cache)."""
+    ``n`` cached entries that attending to them takes: ``b n / (a + b n)``
+    for the straight line ``t(n) = a + b n`` fitted (least squares) through
+    median pass times measured here at 1 entry and at each length (the rest
+    of a pass does not depend on the cache; the line keeps one noisy length
+    from showing as a jump)."""
+    import numpy as np
+
     from .backend import one_token_costs
 
     lengths = sorted(set(lengths))
     times = one_token_costs(model, [1] + lengths)
-    base = times[1]
-    return {n: max(0.0, (times[n] - base) / times[n]) if times[n] > 0 else 0.0 for n in lengths}
+    n = np.array(sorted(times), dtype=np.float64)
+    b, a = np.polyfit(n, [times[int(x)] for x in n], 1)
+    b = max(b, 0.0)
+    return {x: b * x / (a + b * x) if a + b * x > 0 else 0.0 for x in lengths}
 
 
 def write_plots(rows: Dict[str, Row], out_dir: Path) -> List[Path]:

@@ -78,9 +78,9 @@ def test_generate_and_convert_say_so(tmp_path, capsys):
 
 
 def test_one_token_costs_grow_one_cache():
-    """Each length is timed with exactly that many cached entries, all in one
-    cache prefilled once up to the longest (chunk by chunk), and each length
-    is measured once per model."""
+    """Each length is timed with exactly that many cached entries, the
+    lengths in turn each round, all in one cache prefilled once up to the
+    longest (chunk by chunk); each length is measured once per model."""
     from helpers import mlx_model, vocab_size
 
     class Recording:
@@ -97,7 +97,7 @@ def test_one_token_costs_grow_one_cache():
     costs = backend.one_token_costs(model, [300, 1, 40, 300], rounds=3, warmup=1, chunk=128)
     assert set(costs) == {1, 40, 300} and all(t > 0 for t in costs.values())
     assert [(T, n) for T, n, _ in model.calls] == (
-        [(1, 0)] + [(1, 1)] * 4 + [(39, 1)] + [(1, 40)] * 4 + [(128, 40), (128, 168), (4, 296)] + [(1, 300)] * 4)
+        [(128, 0), (128, 128), (44, 256)] + [(1, 1), (1, 40), (1, 300)] * 4)
     assert len({c for _, _, c in model.calls}) == 1  # one cache
     n = len(model.calls)
     assert backend.one_token_costs(model, [40, 1]) == {40: costs[40], 1: costs[1]} and len(model.calls) == n
