@@ -156,6 +156,14 @@ class KVCache(_Layers):
         for c in self.layers:
             c.trim(n)
 
+    def restore(self, n: int):
+        """Take back the last ``n`` entries dropped by :meth:`trim`, when
+        nothing was written since (their data is still in the buffers)."""
+        if n < 0 or self.length + n > (self.layers[0].keys.shape[2] if self.layers[0].keys is not None else 0):
+            raise ValueError(f"cannot restore {n} entries after {self.length}")
+        for c in self.layers:
+            c.length += n
+
     def evict(self, start: int, end: int):
         """Remove entries ``[start, end)`` and move the later entries down."""
         length = self.length

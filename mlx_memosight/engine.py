@@ -71,6 +71,7 @@ class GenerationStats:
     plain_kv_tokens: int = 0
     peak_memory_gb: float = 0.0
     draft_policy: Optional[str] = None  # the choices of the drafting policy, when it chose
+    discarded_passes: int = 0  # passes issued ahead for "every draft accepted" and dropped (not counted above)
 
     @property
     def prompt_tps(self) -> float:
@@ -130,6 +131,8 @@ class Engine:
     :class:`mlx_memosight.options.GenerationOptions` (the error names the
     parameter).
     """
+
+    pipeline = True  # issue the next pass before reading the current one where it can be foreseen
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
@@ -268,6 +271,7 @@ class Engine:
     def _loop(self, seq: "Decoding") -> Iterator[TokenEvent]:
         yield from seq.take_events()
         lookahead = None  # plain decoding: the pass feeding the anchor is already issued
+        ahead = None  # drafting: the next fused pass, issued before the last one was read: (plan, tokens)
         compress_after_lookahead = False
         while True:
             done = seq.done()
@@ -282,15 +286,92 @@ class Engine:
                 seq.cache.trim(1)
                 lookahead = None
                 compress_after_lookahead = True
-            if lookahead is None:
+            chosen = None
+            if ahead is not None:
+                (plan, chosen), ahead = ahead, None
+            elif lookahead is None:
                 plan = seq.plan(drafting=not compress_after_lookahead)
             compress_after_lookahead = False
             if lookahead is not None or plan.kind == "decode":
                 lookahead = self._plain_step(seq, lookahead, speculate=seq.committed + 1 < seq.max_tokens)
+            elif plan.kind == "fused" and self.pipeline and seq.greedy:
+                ahead = self._fused_step(seq, plan, chosen)
             else:
                 logits = self._run(seq, plan.p, plan.rows)
                 seq.apply(plan, seq.select(logits, plan).tolist())
             yield from seq.take_events()
+
+    def _fused_step(self, seq: "Decoding", plan: "Plan", chosen: Optional[mx.array]):
+        """Run a fused pass (greedy), pipelined: while it computes, the next
+        fused pass is built and issued as it will be if every draft is
+        accepted (its anchor and drafts fed lazily from this pass's tokens,
+        the cache already trimmed to the accepted block). Then this pass is
+        read and applied; the pass issued ahead is returned to be taken next
+        when every draft was accepted and decoding goes on with drafting,
+        and dropped otherwise (its entries trimmed, the policy's choice for
+        it undone). Either way the tokens are those of the unpipelined loop.
+        ``chosen``: this pass's tokens when it was itself issued ahead."""
+        if chosen is None:
+            chosen = seq.select(self._run(seq, plan.p, plan.rows), plan)
+            mx.async_eval(chosen)
+        nxt = self._issue_after(seq, plan, chosen)
+        tokens = chosen.tolist()
+        k = len(plan.drafts)
+        if nxt is None:
+            seq.apply(plan, tokens)
+            return None
+        after, lazy, source, saved = nxt
+        width = len(after.p)
+        seq.cache.trim(width)
+        seq.apply(plan, tokens, held=1 + k)
+        s = seq.state
+        n = len(after.drafts)
+        if (seq.stats.accepted_draft_tokens - saved[2] == k and seq.done() is None and not seq.must_compress()
+                and len(s.drafts) >= n):
+            seq.cache.restore(width)
+            drafts = [int(t) for t in tokens[source : source + n]]
+            after.drafts[:] = drafts
+            after.p.tokens[: n + 1] = [s.anchor] + drafts
+            after.prefixes = [after.p.tokens[1 : i + 1] for i in range(n + 1)]
+            return after, lazy
+        if seq.policy is not None:
+            seq.policy.since_explore, seq.policy.chosen = saved[0], saved[1]
+        seq.stats.discarded_passes += 1
+        return None
+
+    def _issue_after(self, seq: "Decoding", plan: "Plan", chosen: mx.array):
+        """Issue the fused pass that follows ``plan`` if all its drafts are
+        accepted (see :meth:`_fused_step`); returns ``(its plan, its tokens
+        (lazy), where its drafts are among this pass's tokens, the policy
+        state and accepted-draft count to go back to)``, or None where that
+        pass cannot be foreseen (the cache is then as it was)."""
+        s, p = seq.state, plan.p
+        k, g = len(plan.drafts), plan.g
+        committed, position = seq.committed + k + 1, s.position + k + 1
+        if (not g or k not in p.foresight_prefixes or committed >= seq.max_tokens
+                or not all(seq._acceptable(d) for d in plan.drafts)
+                or (self.max_position is not None and position + 1 >= self.max_position)):
+            return None
+        policy = seq.policy
+        saved = ((policy.since_explore, dict(policy.chosen)) if policy is not None else (0, {})) + (
+            seq.stats.accepted_draft_tokens,)
+        g2, layout = seq._choice()
+        n = min(g, max(0, seq.max_tokens - committed - 1))
+        if not g2:
+            if policy is not None:
+                policy.since_explore, policy.chosen = saved[0], saved[1]
+            return None
+        seq.cache.trim(len(p) - (1 + k))
+        p2 = self.builder.decode(0, position, seq.cache.length, [0] * n, g2, [n] if layout == "last" else None)
+        source = k + 1 + p.foresight_prefixes.index(k) * g
+        x = mx.concatenate([chosen[k : k + 1], chosen[source : source + n],
+                            mx.array(p2.tokens[1 + n :])]).astype(mx.int32)
+        rows = np.concatenate([p2.exact_rows] + p2.foresight_rows)
+        groups = list(range(n + 1)) + [j for j in p2.foresight_prefixes for _ in range(g2)]
+        after = Plan("fused", p2, rows, [0] * n, g2, groups, None)
+        lazy = seq.select(self._run(seq, p2, rows, tokens=x[None]), after)
+        mx.async_eval(lazy)
+        return after, lazy, source, saved
 
     def _decode_lazy(self, seq: "Decoding", token: mx.array, position: int) -> mx.array:
         """Issue a one-token pass feeding ``token`` (possibly not yet
@@ -763,8 +844,10 @@ class Decoding:
         kind = "verify" if e.schedule == "two-pass" else "fused"
         return Plan(kind, p, rows, drafts, g, groups, [p.tokens[1 : i + 1] for i in range(k + 1)])
 
-    def apply(self, plan: Plan, tokens: List[int]):
-        """Take the pass's tokens: commit, trim the cache, evict."""
+    def apply(self, plan: Plan, tokens: List[int], held: Optional[int] = None):
+        """Take the pass's tokens: commit, trim the cache, evict. ``held``:
+        the pass's entries the cache holds, when not all of them (a fused
+        pass whose successor was issued ahead)."""
         self.stats.forward_passes += 1
         self.stats.pass_tokens += len(plan.p)
         if plan.kind == "compress":
@@ -777,7 +860,7 @@ class Decoding:
             self.emit(s.anchor)
         else:
             none = self.state.drafts is None
-            self._apply_verify(plan, tokens)
+            self._apply_verify(plan, tokens, held)
             if plan.kind == "verify" or none:
                 self.state.drafts = None
 
@@ -802,7 +885,7 @@ class Decoding:
         e = self.engine
         return draft not in e.stop_ids and not (e.compress and draft == e.splitter)
 
-    def _apply_verify(self, plan: Plan, tokens: List[int]):
+    def _apply_verify(self, plan: Plan, tokens: List[int], held: Optional[int] = None):
         s, p, drafts = self.state, plan.p, plan.drafts
         k, g = len(drafts), plan.g
         self.stats.drafted_tokens += k
@@ -815,7 +898,7 @@ class Decoding:
         if self.policy is not None and k:
             self.policy.observe(k, right)
         self.stats.accepted_draft_tokens += n
-        self.cache.trim(len(p) - (1 + n))
+        self.cache.trim((len(p) if held is None else held) - (1 + n))
         accepted = drafts[:n]
         s.anchor = int(tokens[n])
         s.position += n + 1

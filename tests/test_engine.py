@@ -72,6 +72,50 @@ def test_foresight_never_changes_the_output(loaded):
     assert accepted > 0 and fused_passes < two_pass_passes
 
 
+def test_passes_issued_ahead_change_nothing(loaded, monkeypatch):
+    """A fused pass issued before the previous one is read (for "every draft
+    accepted") is taken when that happens and dropped otherwise. Either way
+    the tokens are those of the unpipelined loop, and with a fixed draft
+    length so are the cache after every token and the pass counts, with
+    drafts that are rejected, end at step boundaries and run into the token
+    budget."""
+    _, task, model, _, cfg = loaded
+    issued, kept = [], []
+    issue_after, fused_step = Engine._issue_after, Engine._fused_step
+
+    def count_issued(self, *a):
+        out = issue_after(self, *a)
+        issued.append(out is not None)
+        return out
+
+    def count_kept(self, *a):
+        out = fused_step(self, *a)
+        kept.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Engine, "_issue_after", count_issued)
+    monkeypatch.setattr(Engine, "_fused_step", count_kept)
+    discarded = 0
+    for prompt in prompts(task, n=4, seed=5):
+        expected = reference_decode(model, cfg, prompt, MAX_TOKENS)
+        for kw in (dict(draft_len=2, foresight_sets="last"), dict(draft_len=3, foresight_sets="all"), dict()):
+            runs = {}
+            for pipeline in (False, True):
+                monkeypatch.setattr(Engine, "pipeline", pipeline)
+                tokens, stats, events = run(model, cfg, prompt, **kw)
+                assert tokens == expected, (kw, pipeline)
+                runs[pipeline] = (stats, [(e.kv_entries, e.forward_passes, e.from_draft) for e in events])
+            (plain, plain_events), (piped, piped_events) = runs[False], runs[True]
+            assert plain.discarded_passes == 0
+            discarded += piped.discarded_passes
+            if not kw:
+                continue  # the policy chooses a pass ahead before it sees the last one: its choices may differ
+            assert piped_events == plain_events, kw
+            assert (piped.forward_passes, piped.pass_tokens, piped.compress_events) == (
+                plain.forward_passes, plain.pass_tokens, plain.compress_events)
+    assert sum(kept) >= 20 and discarded >= 1 and sum(issued) == sum(kept) + discarded
+
+
 def test_policy_drafts_where_it_pays_and_not_where_it_cannot():
     """Decisions under given pass costs: a pass token nearly free (GPU, fast
     BLAS) asks for long drafts with a foresight set after every prefix; a
