@@ -112,9 +112,11 @@ _EXPONENT_BITS = {mx.float16: 0x7C00, mx.bfloat16: 0x7F80, mx.float32: 0x7F80000
 
 
 def _all_finite(a: mx.array) -> bool:
-    """No NaN or inf in ``a``, checked on its raw bits a slice at a time (20
-    times faster than ``isfinite``, which MLX computes for half-precision
-    tensors through float32, and without a copy of the tensor beside it)."""
+    """No NaN or inf in ``a``, checked on its raw bits a slice at a time
+    (``isfinite`` computes half-precision tensors through float32, with a
+    copy several times the tensor's size beside it: at the Qwen2.5-0.5B shape
+    the check took 5.7 s of a conversion that way and 0.9 s this way, by
+    ``python -m cProfile -s cumtime -m mlx_memosight.convert CKPT -o OUT``)."""
     if a.dtype not in _EXPONENT_BITS:
         return bool(mx.all(mx.isfinite(a)).item())
     exponent = _EXPONENT_BITS[a.dtype]
