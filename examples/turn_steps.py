@@ -12,11 +12,13 @@ carry), and the addition. Prints the share of steps right on each.
 """
 
 import json
-import re
 import sys
+from pathlib import Path
 
-STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
-QUESTION = re.compile(r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_memosight.demo import TURN_QUESTION as QUESTION, TURN_STEP as STEP  # noqa: E402
+
 CHECKS = ("turn", "total", "name", "carried", "addition")
 
 

@@ -26,6 +26,7 @@ whatever their sizes.
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -135,6 +136,10 @@ def make_turns_problem(rng: np.random.Generator, turns_range=(MIN_TURNS, MAX_TUR
     thoughts.append(f"After {turns} turns the dial shows \\boxed{{{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
+
+# the forms make_turns_problem writes, for tools that read answers back
+TURN_QUESTION = re.compile(r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
+TURN_STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}
 

@@ -51,7 +51,8 @@ class TokenEvent:
 class GenerationStats:
     """What a generation cost and what it saved. ``peak_kv_tokens`` counts the
     cache right after each pass, temporary foresight and draft entries
-    included (as the reference does); ``plain_kv_tokens`` is what plain
+    included (as the reference does; a pass issued ahead and dropped unread
+    is not counted); ``plain_kv_tokens`` is what plain
     decoding would hold at the end (prompt plus every generated token)."""
 
     prompt_tokens: int = 0
@@ -281,16 +282,16 @@ class Engine:
                 seq.stats.finish_reason = done
                 return
             if lookahead is not None and seq.must_compress():
-                # the splitter was fed as a plain token ahead of time; the
-                # compress pass drafts nothing, as the plain steps before it
-                seq.cache.trim(1)
+                # the splitter was fed as a plain token ahead of time: its
+                # entry is the compress pass's first row, so the pass starts
+                # after it; it drafts nothing, as the plain steps before it
                 lookahead = None
                 compress_after_lookahead = True
             chosen = None
             if ahead is not None:
                 (plan, chosen), ahead = ahead, None
             elif lookahead is None:
-                plan = seq.plan(drafting=not compress_after_lookahead)
+                plan = seq.plan(drafting=not compress_after_lookahead, splitter_cached=compress_after_lookahead)
             compress_after_lookahead = False
             if lookahead is not None or plan.kind == "decode":
                 lookahead = self._plain_step(seq, lookahead, speculate=seq.committed + 1 < seq.max_tokens)
@@ -336,6 +337,7 @@ class Engine:
             return after, lazy
         if seq.policy is not None:
             seq.policy.since_explore, seq.policy.chosen = saved[0], saved[1]
+        seq.stats.peak_kv_tokens = max(saved[3], seq.cache.length)
         seq.stats.discarded_passes += 1
         return None
 
@@ -354,7 +356,7 @@ class Engine:
             return None
         policy = seq.policy
         saved = ((policy.since_explore, dict(policy.chosen)) if policy is not None else (0, {})) + (
-            seq.stats.accepted_draft_tokens,)
+            seq.stats.accepted_draft_tokens, seq.stats.peak_kv_tokens)
         g2, layout = seq._choice()
         n = min(g, max(0, seq.max_tokens - committed - 1))
         if not g2:
@@ -809,15 +811,19 @@ class Decoding:
             return self.engine.draft_len, self.engine.foresight_sets
         return self.policy.choose(rows, free)
 
-    def plan(self, drafting: bool = True, rows: int = 1, free: int = 1) -> Plan:
+    def plan(self, drafting: bool = True, rows: int = 1, free: int = 1, splitter_cached: bool = False) -> Plan:
         """The next pass (call only when :meth:`done` is None); without
         ``drafting`` the policy is not asked and nothing is drafted. In a
         batch of ``rows`` sequences whose pass is at least ``free`` tokens
-        wide, the policy weighs drafting at the batch's costs."""
+        wide, the policy weighs drafting at the batch's costs.
+        ``splitter_cached``: the cache already holds the splitter that ends
+        the step (fed by plain decoding), so a compress pass starts after it."""
         e, s = self.engine, self.state
         g, layout = self._choice(rows, free) if drafting else (0, "last")
         if self.must_compress():
-            p = e.builder.compress(s.step, self.cache.length, draft_len=g)
+            p = e.builder.compress(s.step, self.cache.length - splitter_cached, draft_len=g)
+            if splitter_cached:
+                p = p.after_first()
             rows = np.concatenate([p.exact_rows] + p.foresight_rows) if g else p.exact_rows
             return Plan("compress", p, rows, g=g)
         if not g:
@@ -868,7 +874,7 @@ class Decoding:
         """The compress pass ended the step whose splitter was the anchor."""
         s, p = self.state, plan.p
         self.stats.compress_events += 1
-        start_len = self.cache.length - len(p)
+        start_len = self.cache.length - len(p) - p.cached
         self.cache.trim(len(p) - p.keep)
         self.cache.evict(*p.evict)
         L = start_len - s.step.start_slot + 1

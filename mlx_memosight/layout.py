@@ -329,9 +329,27 @@ class Pass:
     foresight_prefixes: List[int] = field(default_factory=list)
     keep: int = 0
     evict: Optional[tuple] = None
+    cached: int = 0  # rows before the first, already in the cache (see after_first)
 
     def __len__(self):
         return int(self.tokens.shape[0])
+
+    def after_first(self) -> "Pass":
+        """This pass without its first row, whose KV entry the cache already
+        holds: an earlier pass fed the same token at the same position as a
+        causal row seeing every cached entry (plain decoding fed the
+        splitter before the compress pass that starts with it). The rule
+        keeps its slots: the keys are the same, the first query is gone."""
+        r = self.rule
+        slot = int(r.query_slot[0])
+        if r.query_limit[0] != slot + 1 or self.keep < 1 or np.any(r.key_visible_until[:slot] <= slot):
+            raise ValueError("only a pass whose first row is an ordinary causal row can start after it")
+        return Pass(
+            kind=self.kind, tokens=self.tokens[1:], positions=self.positions[1:], roles=self.roles[1:],
+            rule=AttentionRule(r.query_slot[1:], r.query_limit[1:], r.key_visible_until),
+            exact_rows=self.exact_rows - 1, foresight_rows=[x - 1 for x in self.foresight_rows],
+            foresight_prefixes=list(self.foresight_prefixes), keep=self.keep - 1, evict=self.evict,
+            cached=self.cached + 1)
 
 
 @dataclass

@@ -111,8 +111,8 @@ def test_passes_issued_ahead_change_nothing(loaded, monkeypatch):
             if not kw:
                 continue  # the policy chooses a pass ahead before it sees the last one: its choices may differ
             assert piped_events == plain_events, kw
-            assert (piped.forward_passes, piped.pass_tokens, piped.compress_events) == (
-                plain.forward_passes, plain.pass_tokens, plain.compress_events)
+            assert (piped.forward_passes, piped.pass_tokens, piped.compress_events, piped.peak_kv_tokens) == (
+                plain.forward_passes, plain.pass_tokens, plain.compress_events, plain.peak_kv_tokens)
     assert sum(kept) >= 20 and discarded >= 1 and sum(issued) == sum(kept) + discarded
 
 
@@ -348,3 +348,20 @@ def test_plain_model_runs_plain_decoding(loaded, tmp_path, capsys):
     assert model.memosight_config is None
     res = generate(model, tokenizer, [40, 41, 42], 8)
     assert res.stats.compress_events == 0 and res.stats.drafted_tokens == 0
+
+
+def test_compress_pass_reuses_the_splitter_plain_decoding_fed(loaded, monkeypatch):
+    """Without drafting, plain decoding feeds the splitter before it is read;
+    the compress pass then starts after its entry instead of feeding it
+    again, and the output still equals the recomputation without a cache."""
+    from mlx_memosight.layout import Pass
+
+    _, task, model, _, cfg = loaded
+    after_first = Pass.after_first
+    used = []
+    monkeypatch.setattr(Pass, "after_first", lambda self: used.append(1) or after_first(self))
+    for prompt in prompts(task, n=2, seed=3):
+        tokens, stats, _ = run(model, cfg, prompt, foresight=False)
+        assert tokens == reference_decode(model, cfg, prompt, MAX_TOKENS)
+        assert stats.compress_events >= 1
+    assert len(used) >= 2

@@ -126,6 +126,18 @@ def test_hand_worked_compress_pass():
     assert p.evict == (2, 6)
 
 
+def test_compress_pass_after_its_cached_splitter():
+    """The compress pass of the hand-worked example when plain decoding has
+    already fed the splitter (slot 5): the same rows but the first, over the
+    same key slots, the same rows read and the same eviction."""
+    full = PassBuilder(make_cfg()).compress(StepState(start_slot=2, begin=2), cache_len=5, draft_len=2)
+    p = full.after_first()
+    assert p.tokens.tolist() == [M0, M0 + 1, C, R, R] and p.positions.tolist() == [3, 5, 6, 7, 8]
+    np.testing.assert_array_equal(p.rule.mask(), full.rule.mask()[1:])
+    assert p.exact_rows.tolist() == [2] and [r.tolist() for r in p.foresight_rows] == [[3, 4]]
+    assert (p.evict, p.keep, p.cached, len(p)) == (full.evict, full.keep - 1, 1, len(full) - 1)
+
+
 def test_hand_worked_fused_pass():
     # anchor 40 at position 7 over 8 cached entries, drafts 41, 42, g = 2
     p = PassBuilder(make_cfg()).decode(40, 7, cache_len=8, drafts=[41, 42], draft_len=2)
