@@ -121,7 +121,6 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
     return {T: memo[cached, T] for T in sizes}
 
 
-
 def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int = 2,
                     chunk: int = 512) -> Dict[int, float]:
     """Median seconds of a one-token pass over a KV cache of each of
@@ -156,6 +155,7 @@ def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int 
         for n, v in times.items():
             memo[n, 1] = statistics.median(v)
     return {n: memo[n, 1] for n in lengths}
+
 
 # Measured on MLX's CPU backend (Linux wheel, reference BLAS, 2-core x86-64;
 # examples/bench_scale.py prints the decode figures): a one-token product with

@@ -321,13 +321,13 @@ class Engine:
         if nxt is None:
             seq.apply(plan, tokens)
             return None
-        after, lazy, source, saved = nxt
+        after, lazy, source, (choices, accepted, peak) = nxt
         width = len(after.p)
         seq.cache.trim(width)
         seq.apply(plan, tokens, held=1 + k)
         s = seq.state
         n = len(after.drafts)
-        if (seq.stats.accepted_draft_tokens - saved[2] == k and seq.done() is None and not seq.must_compress()
+        if (seq.stats.accepted_draft_tokens - accepted == k and seq.done() is None and not seq.must_compress()
                 and len(s.drafts) >= n):
             seq.cache.restore(width)
             drafts = [int(t) for t in tokens[source : source + n]]
@@ -336,8 +336,8 @@ class Engine:
             after.prefixes = [after.p.tokens[1 : i + 1] for i in range(n + 1)]
             return after, lazy
         if seq.policy is not None:
-            seq.policy.since_explore, seq.policy.chosen = saved[0], saved[1]
-        seq.stats.peak_kv_tokens = max(saved[3], seq.cache.length)
+            seq.policy.undo_choices(choices)
+        seq.stats.peak_kv_tokens = max(peak, seq.cache.length)
         seq.stats.discarded_passes += 1
         return None
 
@@ -355,13 +355,15 @@ class Engine:
                 or (self.max_position is not None and position + 1 >= self.max_position)):
             return None
         policy = seq.policy
-        saved = ((policy.since_explore, dict(policy.chosen)) if policy is not None else (0, {})) + (
-            seq.stats.accepted_draft_tokens, seq.stats.peak_kv_tokens)
+        # what to go back to when the pass is dropped: the policy's choices and the counts before it
+        saved = (policy.choices() if policy is not None else None, seq.stats.accepted_draft_tokens,
+                 seq.stats.peak_kv_tokens)
+        choices = saved[0]
         g2, layout = seq._choice()
         n = min(g, max(0, seq.max_tokens - committed - 1))
         if not g2:
             if policy is not None:
-                policy.since_explore, policy.chosen = saved[0], saved[1]
+                policy.undo_choices(choices)
             return None
         seq.cache.trim(len(p) - (1 + k))
         p2 = self.builder.decode(0, position, seq.cache.length, [0] * n, g2, [n] if layout == "last" else None)

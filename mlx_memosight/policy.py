@@ -249,6 +249,14 @@ class DraftPolicy:
         self.chosen[name] = self.chosen.get(name, 0) + 1
         return g, lay
 
+    def choices(self) -> tuple:
+        """What :meth:`choose` changes, to go back to with :meth:`undo_choices`
+        (a choice made for a pass that never ran)."""
+        return self.since_explore, dict(self.chosen)
+
+    def undo_choices(self, state: tuple):
+        self.since_explore, self.chosen = state[0], dict(state[1])
+
     def observe(self, drafted: int, right: int):
         """A pass verified ``drafted`` drafts, the first ``right`` of them
         equal to the model's own tokens."""
