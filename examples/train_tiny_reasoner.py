@@ -97,9 +97,9 @@ def build_parser():
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
     p.add_argument("--short-share", type=float, default=0.88,
-                   help="--task turns: share of training problems with %d-%d turns (the rest have %d-%d, as the "
-                   "held-out ones); short problems teach the steps at a fraction of the cost"
-                   % (*demo.SHORT_TURNS, demo.MIN_TURNS, demo.MAX_TURNS))
+                   help="--task turns: share of training problems that start %d-%d turns before their last (the "
+                   "rest run all %d-%d turns, as the held-out ones); short problems teach the steps at a fraction "
+                   "of the cost" % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
     p.add_argument("--max-position", type=int, default=None,
                    help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -149,7 +149,7 @@ def write_data(out: Path, args):
         import numpy as np
 
         n_short = int(round(args.short_share * args.train_examples))
-        mixed = demo.problems("train", n_short, args.seed, "turns", demo.SHORT_TURNS) + train_p[n_short:]
+        mixed = demo.problems("train", n_short, args.seed, "turns", demo.SHORT_STEPS) + train_p[n_short:]
         train_p = [mixed[i] for i in np.random.default_rng(args.seed).permutation(len(mixed))]
     valid_p = demo.problems("valid", args.valid_examples, args.seed, args.task)
     held = demo.problems("heldout", args.heldout, args.seed, args.task)

@@ -27,9 +27,8 @@ def check_answer(question: str, output: str) -> dict:
     q = QUESTION.search(question)
     if q is None:
         raise ValueError(f"not a question of the turns task: {question[:80]!r}")
-    name, value, turns = q[1], int(q[2]), int(q[4])
+    name, value, turn, turns = q[1], int(q[2]), int(q[3]), int(q[5])
     counts = dict.fromkeys(("steps",) + CHECKS, 0)
-    turn = 0
     for text in output.split("\n\n"):
         m = STEP.fullmatch(text.strip())
         if m is None:

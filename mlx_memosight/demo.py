@@ -17,7 +17,11 @@ Each step needs only the question and the previous step's result, so once a
 step is compressed its memory tokens must carry the dial's value and the turn
 number; nothing else of the past is needed, which is the situation MemoSight
 is built for. The step repeats the number of turns, so whether it is the last
-one is read off the step itself.
+one is read off the step itself. The question names the turn the dial is at
+(``at turn 000`` for the held-out problems): the short problems a model also
+trains on start late in a long run (``at turn 117 ... at turn 131``), so their
+turn numbers are drawn like the long problems' and a model learns to copy
+three-digit turns, not the leading zeros of short runs.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -41,7 +45,7 @@ SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
 MIN_COUNT, MAX_COUNT = 10, 99
 MIN_TURNS, MAX_TURNS = 64, 240
-SHORT_TURNS = (6, 30)  # the short problems the long-reasoning model also trains on
+SHORT_STEPS = (6, 30)  # turns to go in the short problems the long-reasoning model also trains on
 DIAL = 100  # the dial shows 0 .. 99
 TASKS = ("days", "turns")
 
@@ -116,29 +120,32 @@ def make_problem(rng: np.random.Generator) -> Problem:
     return Problem(question, thoughts, counts[-1], counts)
 
 
-def make_turns_problem(rng: np.random.Generator, turns_range=(MIN_TURNS, MAX_TURNS)) -> Problem:
-    """Draw one long problem: a dial turned forward ``MIN_TURNS`` to
-    ``MAX_TURNS`` times (or as many as ``turns_range`` says, both ends
-    included)."""
+def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
+    """Draw one long problem: a dial turned forward from turn 0 to a turn
+    between ``MIN_TURNS`` and ``MAX_TURNS``. With ``steps_range`` (fewest,
+    most; both ends included) the problem starts that many turns before its
+    last instead, so its turn numbers are those of a long problem."""
     name, pron = NAMES[rng.integers(len(NAMES))]
-    start = int(rng.integers(DIAL))
+    value = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
-    turns = int(rng.integers(turns_range[0], turns_range[1] + 1))
-    counts = [(start + n * t) % DIAL for t in range(turns + 1)]
+    turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
+    first = 0 if steps_range is None else turns - int(rng.integers(steps_range[0], steps_range[1] + 1))
+    counts = [(value + n * (t - first)) % DIAL for t in range(first, turns + 1)]
     question = (
-        f"{name}'s dial shows {start}. Every turn {pron} moves it {n} forward, and after "
-        f"{DIAL - 1} it goes on from 0. What does it show after {turns} turns?"
+        f"{name}'s dial shows {value} at turn {first:03d}. Every turn {pron} moves it {n} forward, and after "
+        f"{DIAL - 1} it goes on from 0. What does it show at turn {turns:03d}?"
     )
     thoughts = [
-        f"Turn {t:03d} of {turns:03d}: {name} moves it {n}, so {counts[t - 1]} + {n} = {counts[t]}."
-        for t in range(1, turns + 1)
+        f"Turn {t:03d} of {turns:03d}: {name} moves it {n}, so {counts[i]} + {n} = {counts[i + 1]}."
+        for i, t in enumerate(range(first + 1, turns + 1))
     ]
-    thoughts.append(f"After {turns} turns the dial shows \\boxed{{{counts[-1]}}}.")
+    thoughts.append(f"At turn {turns:03d} the dial shows \\boxed{{{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
 
 # the forms make_turns_problem writes, for tools that read answers back
-TURN_QUESTION = re.compile(r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
+TURN_QUESTION = re.compile(
+    r"(\w+)'s dial shows (\d+) at turn (\d+)\. Every turn (?:he|she) moves it (\d) forward.* at turn (\d+)\?")
 TURN_STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}
@@ -150,7 +157,7 @@ def split_of(question: str) -> str:
     return "heldout" if bucket < 10 else ("valid" if bucket < 15 else "train")
 
 
-def problems(split: str, n: int, seed: int = 0, task: str = "days", turns_range=None) -> List[Problem]:
+def problems(split: str, n: int, seed: int = 0, task: str = "days", steps_range=None) -> List[Problem]:
     """``n`` distinct problems of one split, the same for the same ``seed``.
 
     Args:
@@ -158,21 +165,23 @@ def problems(split: str, n: int, seed: int = 0, task: str = "days", turns_range=
         n: how many.
         seed: seeds the generator (each split draws from its own stream).
         task: ``days`` (the demo model's) or ``turns`` (long reasoning).
-        turns_range: for ``turns``, the fewest and most turns (default
-            ``MIN_TURNS``, ``MAX_TURNS``); another range draws from a stream
-            of its own.
+        steps_range: for ``turns``, draw short problems instead: the fewest
+            and most turns to go (``SHORT_STEPS`` for training), from a
+            stream of their own.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if task not in MAKERS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-    if turns_range is not None and task != "turns":
-        raise ValueError("turns_range applies to the turns task only")
-    stream = [seed, SPLITS.index(split)] + (list(turns_range) if turns_range is not None else [])
+    if steps_range is not None and task != "turns":
+        raise ValueError("steps_range applies to the turns task only")
+    if steps_range is not None and not 1 <= steps_range[0] <= steps_range[1] <= MIN_TURNS:
+        raise ValueError(f"steps_range must be (fewest, most) within 1..{MIN_TURNS}, not {steps_range}")
+    stream = [seed, SPLITS.index(split)] + (list(steps_range) if steps_range is not None else [])
     rng = np.random.default_rng(stream)
     out, seen = [], set()
     while len(out) < n:
-        p = MAKERS[task](rng) if turns_range is None else make_turns_problem(rng, turns_range)
+        p = MAKERS[task](rng) if steps_range is None else make_turns_problem(rng, steps_range)
         if p.question in seen or split_of(p.question) != split:
             continue
         seen.add(p.question)

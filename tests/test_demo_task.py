@@ -89,8 +89,8 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 
 TURNS_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+)\. Every turn (he|she) moves it (\d) forward, and after 99 it goes on "
-    r"from 0\. What does it show after (\d+) turns\?"
+    r"(\w+)'s dial shows (\d+) at turn (\d\d\d)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
+    r"goes on from 0\. What does it show at turn (\d\d\d)\?"
 )
 TURN = re.compile(r"Turn (\d\d\d) of (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
 
@@ -104,7 +104,8 @@ def test_long_task_answers_and_steps_are_right():
     for p in ps:
         m = TURNS_QUESTION.fullmatch(p.question)
         assert m, p.question
-        value, n, turns = int(m[2]), int(m[4]), int(m[5])
+        value, first, n, turns = int(m[2]), int(m[3]), int(m[5]), int(m[6])
+        assert first == 0
         turn_counts.append(turns)
         assert len(p.thoughts) == turns + 1
         for t, step in enumerate(p.thoughts[:-1], 1):
@@ -114,6 +115,7 @@ def test_long_task_answers_and_steps_are_right():
             assert int(s[5]) == value and int(s[7]) == (value + n) % 100
             value = int(s[7])
         assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
+        assert p.thoughts[-1].startswith(f"At turn {turns:03d} ")
         assert split_steps(p.solution) == p.thoughts
         assert score(p.solution, p.eval_item())
     assert demo.MIN_TURNS <= min(turn_counts) < 100 and 200 < max(turn_counts) <= demo.MAX_TURNS
@@ -129,13 +131,26 @@ def test_long_task_heldout_file(tmp_path):
 
 
 def test_short_turns_problems_for_training():
-    short = demo.problems("train", 40, task="turns", turns_range=demo.SHORT_TURNS)
-    counts = [int(TURNS_QUESTION.fullmatch(p.question)[5]) for p in short]
-    assert min(counts) >= demo.SHORT_TURNS[0] and max(counts) <= demo.SHORT_TURNS[1]
-    assert all(len(p.thoughts) == n + 1 for p, n in zip(short, counts))
-    assert short == demo.problems("train", 40, task="turns", turns_range=demo.SHORT_TURNS)
+    """Short problems start late in a long run: few steps, but turn numbers
+    drawn like the held-out problems' (not the leading zeros of short runs)."""
+    short = demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
+    firsts, lasts, steps = [], [], []
+    for p in short:
+        m = TURNS_QUESTION.fullmatch(p.question)
+        firsts.append(int(m[3]))
+        lasts.append(int(m[6]))
+        steps.append(lasts[-1] - firsts[-1])
+        assert len(p.thoughts) == steps[-1] + 1
+        s = TURN.fullmatch(p.thoughts[0])
+        assert int(s[1]) == firsts[-1] + 1 and int(s[2]) == lasts[-1] and int(s[5]) == int(m[2])
+        assert p.answer == (int(m[2]) + steps[-1] * int(m[5])) % 100
+    assert min(steps) >= demo.SHORT_STEPS[0] and max(steps) <= demo.SHORT_STEPS[1]
+    assert min(lasts) >= demo.MIN_TURNS and max(lasts) <= demo.MAX_TURNS and max(lasts) >= 200
+    assert short == demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
     with pytest.raises(ValueError, match="turns task only"):
-        demo.problems("train", 1, turns_range=(8, 9))
+        demo.problems("train", 1, steps_range=(8, 9))
+    with pytest.raises(ValueError, match="steps_range must be"):
+        demo.problems("train", 1, task="turns", steps_range=(8, 90))
 
 
 def test_turn_steps_diagnosis():
