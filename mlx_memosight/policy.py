@@ -180,13 +180,32 @@ def time_per_token(cost: PassCost, q: List[float], g: int, layout: str) -> float
     set after the whole block; after a rejection the next pass has no drafts
     (anchor and ``g`` foresight tokens) and commits one token.
     """
+    return _time(cost, g, layout, *expected_accepted(q, g))
+
+
+def _time(cost, g: int, layout: str, accepted: float, all_right: float) -> float:
+    """:func:`time_per_token` given ``expected_accepted(q, g)``."""
     if g == 0:
         return cost(1)
-    accepted, all_right = expected_accepted(q, g)
     if layout == "all":
         return cost(1 + g + (g + 1) * g) / (1 + accepted)
     miss = 1 - all_right
     return (cost(1 + 2 * g) + miss * cost(1 + g)) / (1 + accepted + miss)
+
+
+def _times(cost, q: List[float], lengths, layouts):
+    """``(time_per_token, g, layout)`` for every draft length (ascending) and
+    layout, the expected acceptance of each length built on the one before's
+    (a choice is made for every pass of every sequence: this is host time
+    on the decode path)."""
+    out, accepted, all_right, g_done = [], 0.0, 1.0, 0
+    for g in lengths:
+        while g_done < g:
+            all_right *= q[g_done]
+            accepted += all_right
+            g_done += 1
+        out += [(_time(cost, g, lay, accepted, all_right), g, lay) for lay in layouts]
+    return out
 
 
 @dataclass
@@ -235,8 +254,7 @@ class DraftPolicy:
         lengths = [self.draft_len] if self.draft_len is not None else range(self.max_draft + 1)
         layouts = [self.layout] if self.layout is not None else LAYOUTS
         cost = self.cost if rows == 1 and free <= 1 else self.cost.in_batch(rows, free)
-        best = min(((time_per_token(cost, q, g, lay), g, lay) for g in lengths for lay in layouts),
-                   key=lambda x: (round(x[0], 9), x[1], LAYOUTS.index(x[2])))
+        best = min(_times(cost, q, lengths, layouts), key=lambda x: (round(x[0], 9), x[1], LAYOUTS.index(x[2])))
         _, g, lay = best
         if 0 < g < self.max_draft and self.draft_len is None:
             # one pass in EXPLORE_EVERY drafts one token further, so that the

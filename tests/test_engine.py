@@ -146,6 +146,32 @@ def test_policy_drafts_where_it_pays_and_not_where_it_cannot():
     assert time_per_token(PassCost(0.0, "x"), q, 3, "all") < time_per_token(PassCost(0.0, "x"), q, 0, "all")
 
 
+def test_policy_choice_is_the_best_of_every_option():
+    """The choice (computed incrementally over draft lengths, as it is made
+    for every pass of every row) is the option of least expected time per
+    token by the formulas, alone and in batches, ties to the shorter draft."""
+    from mlx_memosight.policy import LAYOUTS, DraftPolicy, PassCost, time_per_token
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for trial in range(300):
+        cost = PassCost(float(rng.choice([0.0, 0.02, 0.1, 0.3, 0.6, 1.2])), "given")
+        p = DraftPolicy(cost, max_draft=6, trained_offset=3)
+        p.since_explore = -10 ** 6  # no exploring step in this test
+        for _ in range(int(rng.integers(0, 30))):
+            drafted = int(rng.integers(1, 7))
+            p.observe(drafted, int(rng.integers(0, drafted + 1)))
+        rows, free = int(rng.integers(1, 17)), int(rng.integers(1, 8))
+        c = cost if rows == 1 and free <= 1 else cost.in_batch(rows, free)
+        q = p.acceptance()
+        options = [(round(time_per_token(c, q, g, lay), 9), g, LAYOUTS.index(lay), lay)
+                   for g in range(7) for lay in LAYOUTS]
+        best = min(options)
+        assert p.choose(rows, free) == (best[1], best[3])
+        seen.add(best[1] > 0)
+    assert seen == {True, False}
+
+
 def test_policy_choices_are_the_same_every_run(loaded):
     """The policy decides from the cost model and the committed tokens only:
     two runs make the same choices and the same draft statistics."""
