@@ -1,15 +1,23 @@
-"""Drafting passes issued ahead against passes issued one after another, side by side.
+"""Two ways of running the engine's passes, side by side: drafting passes issued
+ahead or one after another (``--switch pipeline``), or passes run as one
+compiled function or built op by op (``--switch compiled``).
 
-    python examples/bench_pipeline.py [--model PATH] [--data JSONL] [--limit 40] [--rounds 3]
+    python examples/bench_pipeline.py [--switch pipeline|compiled] [--model PATH] [--data JSONL]
+        [--limit 40] [--rounds 3]
 
-While a fused pass computes, the engine builds and issues the next one as it
-will be if every draft is accepted (``Engine.pipeline``), and drops it when
-that does not happen. This decodes the same problems with that on and off,
-interleaved (``--rounds`` times each, the fastest kept), checks that both
-commit the same tokens, and prints tokens/s, the ratio and how many passes
-issued ahead were dropped, for each foresight layout (``last`` and ``all``)
-at a fixed draft length and for the policy's own choice. Default model: the
-packaged demo model on its held-out problems.
+``pipeline``: while a fused pass computes, the engine builds and issues the
+next one as it will be if every draft is accepted (``Engine.pipeline``), and
+drops it when that does not happen. ``compiled``: each decoding pass is one
+``mx.compile`` function of the pass's arrays and the cache's buffers
+(``Engine.compiled``), instead of a graph built op by op in every pass.
+
+This decodes the same problems with the switch on and off, interleaved
+(``--rounds`` times each, the fastest kept), checks that both commit the same
+tokens, and prints tokens/s, the ratio and how many passes issued ahead were
+dropped, for each foresight layout (``last`` and ``all``) at a fixed draft
+length and for the policy's own choice (and, for ``compiled``, compression
+without drafting and plain decoding). Default model: the packaged demo model
+on its held-out problems.
 """
 
 import argparse
@@ -45,6 +53,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--switch", choices=["pipeline", "compiled"], default="pipeline")
     args = p.parse_args(argv)
     if args.limit < 1 or args.rounds < 1 or args.max_tokens < 1:
         p.error("--limit, --rounds and --max-tokens must be at least 1")
@@ -57,27 +66,32 @@ def main(argv=None):
     else:
         items = demo.heldout_items(args.limit)
     prompts = [prompt_ids(tokenizer, it["question"], cfg, None, False) for it in items]
-    print(f"device: {describe()}, {len(prompts)} problems, fastest of {args.rounds} rounds")
-    print(f"{'drafting':<26}{'one by one':>12}{'ahead':>10}{'ratio':>8}{'passes':>9}{'dropped':>9}")
-    for name, kw in (("draft 3, last sets", dict(draft_len=3, foresight_sets="last")),
-                     ("draft 3, all sets", dict(draft_len=3, foresight_sets="all")),
-                     ("policy (auto)", dict())):
+    off, on = ("one by one", "ahead") if args.switch == "pipeline" else ("op by op", "compiled")
+    print(f"device: {describe()}, {len(prompts)} problems, fastest of {args.rounds} rounds, "
+          f"switch: {args.switch}")
+    print(f"{'drafting':<26}{off:>12}{on:>10}{'ratio':>8}{'passes':>9}{'dropped':>9}")
+    configs = [("draft 3, last sets", dict(draft_len=3, foresight_sets="last")),
+               ("draft 3, all sets", dict(draft_len=3, foresight_sets="all")),
+               ("policy (auto)", dict())]
+    if args.switch == "compiled":
+        configs += [("compression only", dict(foresight=False)), ("plain", dict(foresight=False, compress=False))]
+    for name, kw in configs:
         best, tokens = {}, {}
         for _ in range(args.rounds):
-            for pipeline in (False, True):
+            for switched in (False, True):
                 engine = Engine(model, cfg, **kw)
-                engine.pipeline = pipeline
+                setattr(engine, args.switch, switched)
                 toks, seconds, passes, dropped = decode(engine, prompts, args.max_tokens)
-                if pipeline in tokens and tokens[pipeline] != toks:
+                if switched in tokens and tokens[switched] != toks:
                     sys.exit(f"{name}: two rounds committed different tokens")
-                tokens[pipeline] = toks
-                if pipeline not in best or seconds < best[pipeline][0]:
-                    best[pipeline] = (seconds, passes, dropped)
+                tokens[switched] = toks
+                if switched not in best or seconds < best[switched][0]:
+                    best[switched] = (seconds, passes, dropped)
         if tokens[True] != tokens[False]:
-            sys.exit(f"{name}: issuing passes ahead changed the tokens")
+            sys.exit(f"{name}: the switch {args.switch} changed the tokens")
         n = sum(len(t) for t in tokens[True])
-        off, on = n / best[False][0], n / best[True][0]
-        print(f"{name:<26}{off:>12.1f}{on:>10.1f}{on / off:>7.2f}x{best[True][1]:>9}{best[True][2]:>9}")
+        slow, fast = n / best[False][0], n / best[True][0]
+        print(f"{name:<26}{slow:>12.1f}{fast:>10.1f}{fast / slow:>7.2f}x{best[True][1]:>9}{best[True][2]:>9}")
     print("tokens/s; every configuration committed the same tokens both ways")
 
 

@@ -15,7 +15,7 @@ so that mlx-lm's attention layers use it unchanged. ``offset`` and
 decoder sets once for all layers with :meth:`KVCache.begin_pass`.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
 
@@ -55,21 +55,30 @@ class LayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
         prev = self.length
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, Dk = keys.shape
-            Dv = values.shape[3]
-            grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
-            new_v = mx.zeros((B, H, grow, Dv), values.dtype)
-            if self.keys is not None:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            else:
-                self.keys, self.values = new_k, new_v
+        self.reserve(prev + n, keys, values)
         self.keys[..., prev : prev + n, :] = keys
         self.values[..., prev : prev + n, :] = values
         self.length = prev + n
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def reserve(self, total: int, keys: Optional[mx.array] = None, values: Optional[mx.array] = None):
+        """Grow the buffers (in steps of ``step`` slots) so that they hold
+        ``total`` entries; ``keys`` / ``values`` give the shape and dtype of
+        an empty cache's buffers."""
+        if self.keys is not None and total <= self.keys.shape[2]:
+            return
+        like_k, like_v = (keys, values) if self.keys is None else (self.keys, self.values)
+        B, H, _, Dk = like_k.shape
+        Dv = like_v.shape[3]
+        prev = self.length
+        grow = ((total - prev + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((B, H, grow, Dk), like_k.dtype)
+        new_v = mx.zeros((B, H, grow, Dv), like_v.dtype)
+        if self.keys is not None:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        else:
+            self.keys, self.values = new_k, new_v
 
     def is_trimmable(self):
         return True
@@ -163,6 +172,23 @@ class KVCache(_Layers):
             raise ValueError(f"cannot restore {n} entries after {self.length}")
         for c in self.layers:
             c.length += n
+
+    def take_buffers(self) -> List[mx.array]:
+        """Hand the whole buffers (keys and values of every layer, with room
+        for at least one more entry) to a pass that returns them updated
+        (:meth:`put_buffers`); the cache keeps no reference meanwhile, so
+        that the pass writes into them in place."""
+        out = []
+        for c in self.layers:
+            out += [c.keys, c.values]
+            c.keys = c.values = None
+        return out
+
+    def put_buffers(self, buffers: Sequence[mx.array], length: int):
+        """Take back the buffers of :meth:`take_buffers`, now holding
+        ``length`` entries."""
+        for i, c in enumerate(self.layers):
+            c.keys, c.values, c.length = buffers[2 * i], buffers[2 * i + 1], length
 
     def evict(self, start: int, end: int):
         """Remove entries ``[start, end)`` and move the later entries down."""

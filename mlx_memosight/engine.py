@@ -20,15 +20,17 @@ mlx-lm's speculative decoding does), so drafting never changes the output.
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .cache import BatchKVCache, KVCache, PromptCache
 from .config import MemoSightConfig
 from .errors import GenerationError
-from .kernels import CompactMask
+from .kernels import CompactMask, kernels_available
 from .layout import NEVER, Pass, PassBuilder, StepState
 from .model import TokenPositions, forward, lm_head
 from .options import MAX_DRAFT_LEN, GenerationOptions
@@ -96,6 +98,63 @@ class GenerationStats:
         return d
 
 
+COMPILED_MAX_TOKENS = 64  # wider passes (prompt chunks) are built op by op
+COMPILED_KEY_STEP = 64
+
+
+def compiled_keys(entries: int) -> int:
+    """The key slots a compiled pass attends over when the cache holds
+    ``entries`` with the pass's own: rounded up to a multiple of
+    ``COMPILED_KEY_STEP``, or of an eighth to a quarter of ``entries`` when
+    that is more, so that a generation of thousands of tokens needs a few
+    dozen compiled graphs per pass width, not one per 64 entries, for at most
+    a quarter more keys (hidden by the mask)."""
+    step = max(COMPILED_KEY_STEP, 1 << max(0, entries.bit_length() - 3))
+    return -(-entries // step) * step
+
+
+class _TracedPass:
+    __slots__ = ("offset", "mask", "start", "num_keys")
+
+    def __init__(self, offset, mask, start, num_keys):
+        self.offset, self.mask, self.start, self.num_keys = offset, mask, start, num_keys
+
+
+class _TracedLayer:
+    """One layer's cache inside a compiled pass (mlx-lm's cache protocol):
+    the pass's entries go into the whole buffer at the traced slot
+    ``start``; attention reads the first ``num_keys`` slots."""
+
+    def __init__(self, current: _TracedPass, keys: mx.array, values: mx.array):
+        self._pass, self.keys, self.values = current, keys, values
+
+    @property
+    def offset(self):
+        return self._pass.offset
+
+    def make_mask(self, *args, **kwargs):
+        return self._pass.mask
+
+    def __bool__(self):
+        return True
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.slice_update(self.keys, keys, self._pass.start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self._pass.start, axes=(2,))
+        n = self._pass.num_keys
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+
+def _compiled_pass(model, tokens, positions, start, query_slot, query_limit, until, rows, *buffers):
+    """The function :meth:`Engine._run_compiled` compiles: logits at
+    ``rows`` and the updated buffers."""
+    current = _TracedPass(TokenPositions(positions), CompactMask(query_slot, query_limit, until), start,
+                          until.shape[0])
+    layers = [_TracedLayer(current, buffers[2 * i], buffers[2 * i + 1]) for i in range(len(buffers) // 2)]
+    logits = forward(model, tokens, None, cache=layers, rows=rows)
+    return (logits,) + tuple(a for c in layers for a in (c.keys, c.values))
+
+
 class Engine:
     """Decodes with MemoSight drafting and compression over one KV cache.
 
@@ -134,6 +193,9 @@ class Engine:
     """
 
     pipeline = True  # issue the next pass before reading the current one where it can be foreseen
+    # Run decoding passes (up to COMPILED_MAX_TOKENS tokens) as one compiled
+    # MLX function (see _run_compiled); off: each pass's graph is built op by op.
+    compiled = True
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], *, draft_len: Optional[int] = None,
                  foresight: bool = True, compress: bool = True, schedule: str = "fused",
@@ -172,6 +234,7 @@ class Engine:
         self.max_position = max_position or getattr(model.args, "max_position_embeddings", None)
         self.stats = GenerationStats()
         self.cache: Optional[KVCache] = None
+        self._compiled_fn = None  # set at the first compiled pass (_compiled_function)
 
     def new_policy(self) -> Optional[DraftPolicy]:
         """A drafting policy for one sequence (None where nothing is chosen)."""
@@ -180,6 +243,10 @@ class Engine:
     # -- passes --------------------------------------------------------------
     def _run(self, seq: "Decoding", p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None) -> mx.array:
         """Run one pass of one sequence over its cache; logits at ``rows``."""
+        if self.compiled:
+            logits = self._run_compiled(seq, p, rows, tokens)
+            if logits is not None:
+                return logits
         cache = seq.cache
         n = len(p)
         pos = p.positions
@@ -196,6 +263,48 @@ class Engine:
         logits = forward(self.model, x, None, cache=cache, rows=mx.array(rows))
         seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, cache.length)
         return logits[0]
+
+    def _run_compiled(self, seq: "Decoding", p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None):
+        """:meth:`_run` as one compiled function (``mx.compile``) of the
+        pass's arrays and the cache's whole buffers, which it returns with the
+        pass's entries written in (in place: the cache lets go of them during
+        the pass). Positions and the mask always go in as arrays, and the keys
+        attended are the cache's slots rounded up to ``LayerCache.step``
+        (the mask hides the slots past the pass), so passes of the same width
+        reuse one compiled graph across cache lengths: MLX builds it once
+        instead of op by op in every pass, and fuses its elementwise work.
+        None where it does not apply (a pass wider than
+        ``COMPILED_MAX_TOKENS``, an empty cache, the Metal kernels in use)."""
+        cache, n = seq.cache, len(p)
+        start = cache.length
+        if n > COMPILED_MAX_TOKENS or cache.layers[0].keys is None or kernels_available():
+            return None
+        keys = compiled_keys(start + n)
+        for c in cache.layers:
+            c.reserve(keys)
+        until = np.full(keys, NEVER, np.int32)
+        until[: start + n] = p.rule.key_visible_until
+        x = tokens if tokens is not None else mx.array(p.tokens)
+        fn = self._compiled_fn or self._compiled_function()
+        out = fn(x.reshape(1, n), mx.array(p.positions, mx.int32)[None], mx.array([start], mx.int32),
+                 mx.array(p.rule.query_slot, mx.int32), mx.array(p.rule.query_limit, mx.int32),
+                 mx.array(until), mx.array(rows, mx.int32), *cache.take_buffers())
+        cache.put_buffers(out[1:], start + n)
+        seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, cache.length)
+        return out[0][0]
+
+    def _compiled_function(self):
+        """The compiled pass of this model: one per model, so that every
+        engine of a process reuses the graphs already built, unless its
+        weights were replaced since (a compiled graph holds the arrays it was
+        built with)."""
+        weights = tuple(id(a) for _, a in tree_flatten(self.model.parameters()))
+        held = self.model.__dict__.get("_memosight_compiled_pass")
+        if held is None or held[0] != weights:
+            held = self.model.__dict__["_memosight_compiled_pass"] = (
+                weights, mx.compile(partial(_compiled_pass, self.model)))
+        self._compiled_fn = held[1]
+        return self._compiled_fn
 
     def _prefill(self, seq: "Decoding", prompt: List[int], start: int = 0) -> mx.array:
         """Prefill the prompt from token ``start`` (the cache holds the

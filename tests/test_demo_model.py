@@ -89,10 +89,17 @@ def test_pass_cost_script():
 
 def test_pipeline_bench_script():
     """examples/bench_pipeline.py decodes with passes issued ahead and one by
-    one, checks the tokens are the same and prints a row per drafting setting."""
+    one (and compiled and op by op), checks the tokens are the same and prints
+    a row per drafting setting."""
     r = subprocess.run([sys.executable, "examples/bench_pipeline.py", "--limit", "2", "--rounds", "1",
                         "--max-tokens", "60"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("draft 3", "policy"))]
     assert len(rows) == 3 and all(float(row.split()[-3].rstrip("x")) > 0 for row in rows), r.stdout
     assert "committed the same tokens" in r.stdout
+    r = subprocess.run([sys.executable, "examples/bench_pipeline.py", "--limit", "1", "--rounds", "1",
+                        "--max-tokens", "40", "--switch", "compiled"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("draft 3", "policy", "compression", "plain"))]
+    assert len(rows) == 5 and "op by op" in r.stdout, r.stdout

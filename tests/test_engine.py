@@ -49,6 +49,67 @@ def test_cached_engine_equals_full_recomputation(loaded):
     assert compressions >= 3
 
 
+def test_compiled_passes_equal_passes_built_op_by_op(loaded, monkeypatch):
+    """Passes run as one compiled function (the default where the Metal
+    kernels are not used) commit what passes built op by op commit, with the
+    same pass counts, KV and draft statistics, for every pass kind: plain
+    decoding, compress blocks, fused passes with either foresight layout, the
+    two-pass schedule, sampling and a penalty; cache buffers grow past their
+    first 256 slots on the way."""
+    _, task, model, _, cfg = loaded
+    compiled = []
+    run_compiled = Engine._run_compiled
+
+    def count(self, *a, **kw):
+        out = run_compiled(self, *a, **kw)
+        compiled.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Engine, "_run_compiled", count)
+    configs = (dict(foresight=False), dict(compress=False, foresight=False), dict(draft_len=2),
+               dict(draft_len=3, foresight_sets="last"), dict(draft_len=3, schedule="two-pass"),
+               dict(sampler=make_sampler(temp=0.8), logits_processors=[make_repetition_penalty(1.3)]),
+               dict())
+    grown = 0
+    for prompt in prompts(task, n=2, seed=11):
+        for kw in configs:
+            out = {}
+            for on in (False, True):
+                monkeypatch.setattr(Engine, "compiled", on)
+                e = Engine(model, cfg, **kw)
+                mx.random.seed(3)
+                tokens = [ev.token for ev in e.generate(prompt, 300)]
+                s = e.stats
+                out[on] = (tokens, s.forward_passes, s.peak_kv_tokens, s.final_kv_tokens, s.compress_events,
+                           s.drafted_tokens, s.accepted_draft_tokens, s.discarded_passes)
+                grown += on and e.cache.layers[0].keys.shape[2] > 256
+            assert out[True] == out[False], kw
+    assert sum(compiled) > 100 and not all(compiled)  # prompt chunks are built op by op
+    assert grown > 0
+
+
+def test_compiled_pass_follows_replaced_weights(reasoner):
+    """A compiled graph holds the weights it was built with: an engine made
+    after the model's weights were replaced builds it again."""
+    path, task = reasoner
+    model, _ = load(path)
+    cfg = model.memosight_config
+    prompt = prompts(task, n=1, seed=2)[0]
+    before, _, _ = run(model, cfg, prompt)
+    head = "lm_head" if "lm_head" in dict(model.children()) else None
+    emb = model.model.embed_tokens.weight
+    model.model.embed_tokens.weight = mx.array(np.random.default_rng(0).normal(size=emb.shape) * 0.05, emb.dtype)
+    if head:
+        model.lm_head.weight = model.lm_head.weight * 1.0
+    after, _, _ = run(model, cfg, prompt)
+    Engine.compiled = False
+    try:
+        eager, _, _ = run(model, cfg, prompt)
+    finally:
+        Engine.compiled = True
+    assert after == eager and after != before
+
+
 def test_foresight_never_changes_the_output(loaded):
     _, task, model, _, cfg = loaded
     fused_passes = two_pass_passes = accepted = 0
