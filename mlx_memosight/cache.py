@@ -134,6 +134,25 @@ class _Layers:
     def state_arrays(self):
         return [x for c in self.layers for x in (c.keys, c.values) if x is not None]
 
+    def take_buffers(self) -> List[mx.array]:
+        """Hand the whole buffers (keys and values of every layer, with room
+        for at least one more entry) to a pass that returns them updated
+        (:meth:`put_buffers`); the cache keeps no reference meanwhile, so
+        that the pass writes into them in place."""
+        out = []
+        for c in self.layers:
+            out += [c.keys, c.values]
+            c.keys = c.values = None
+        return out
+
+    def put_buffers(self, buffers: Sequence[mx.array], length: Optional[int] = None):
+        """Take back the buffers of :meth:`take_buffers`, now holding
+        ``length`` entries (None: the lengths stay as they are)."""
+        for i, c in enumerate(self.layers):
+            c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
+            if length is not None:
+                c.length = length
+
 
 class KVCache(_Layers):
     """The per-layer caches of one model and the pass they are serving."""
@@ -172,23 +191,6 @@ class KVCache(_Layers):
             raise ValueError(f"cannot restore {n} entries after {self.length}")
         for c in self.layers:
             c.length += n
-
-    def take_buffers(self) -> List[mx.array]:
-        """Hand the whole buffers (keys and values of every layer, with room
-        for at least one more entry) to a pass that returns them updated
-        (:meth:`put_buffers`); the cache keeps no reference meanwhile, so
-        that the pass writes into them in place."""
-        out = []
-        for c in self.layers:
-            out += [c.keys, c.values]
-            c.keys = c.values = None
-        return out
-
-    def put_buffers(self, buffers: Sequence[mx.array], length: int):
-        """Take back the buffers of :meth:`take_buffers`, now holding
-        ``length`` entries."""
-        for i, c in enumerate(self.layers):
-            c.keys, c.values, c.length = buffers[2 * i], buffers[2 * i + 1], length
 
     def evict(self, start: int, end: int):
         """Remove entries ``[start, end)`` and move the later entries down."""

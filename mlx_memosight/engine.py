@@ -155,6 +155,29 @@ def _compiled_pass(model, tokens, positions, start, query_slot, query_limit, unt
     return (logits,) + tuple(a for c in layers for a in (c.keys, c.values))
 
 
+class _TracedBatchLayer(_TracedLayer):
+    """A batch's layer cache inside a compiled pass: row ``b``'s block goes
+    to its own slots (``index``, ``(B, 1, N, 1)``)."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        index = self._pass.start
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        n = self._pass.num_keys
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+
+def _compiled_batch_pass(model, tokens, positions, index, query_slot, query_limit, until, rows, *buffers):
+    """The batched pass compiled (:meth:`BatchEngine._issue`): logits at
+    each row's ``rows`` and the updated buffers."""
+    current = _TracedPass(TokenPositions(positions), CompactMask(query_slot, query_limit, until), index,
+                          until.shape[-1])
+    layers = [_TracedBatchLayer(current, buffers[2 * i], buffers[2 * i + 1]) for i in range(len(buffers) // 2)]
+    h = forward(model, tokens, None, cache=layers, hidden=True)
+    logits = lm_head(model, mx.take_along_axis(h, rows[..., None], axis=1))
+    return (logits,) + tuple(a for c in layers for a in (c.keys, c.values))
+
+
 class Engine:
     """Decodes with MemoSight drafting and compression over one KV cache.
 
@@ -234,7 +257,7 @@ class Engine:
         self.max_position = max_position or getattr(model.args, "max_position_embeddings", None)
         self.stats = GenerationStats()
         self.cache: Optional[KVCache] = None
-        self._compiled_fn = None  # set at the first compiled pass (_compiled_function)
+        self._compiled_fns: dict = {}  # traced function -> compiled (_compiled_function)
 
     def new_policy(self) -> Optional[DraftPolicy]:
         """A drafting policy for one sequence (None where nothing is chosen)."""
@@ -265,17 +288,28 @@ class Engine:
         return logits[0]
 
     def _run_compiled(self, seq: "Decoding", p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None):
-        """:meth:`_run` as one compiled function (``mx.compile``) of the
-        pass's arrays and the cache's whole buffers, which it returns with the
-        pass's entries written in (in place: the cache lets go of them during
-        the pass). Positions and the mask always go in as arrays, and the keys
-        attended are the cache's slots rounded up to ``LayerCache.step``
-        (the mask hides the slots past the pass), so passes of the same width
-        reuse one compiled graph across cache lengths: MLX builds it once
-        instead of op by op in every pass, and fuses its elementwise work.
-        None where it does not apply (a pass wider than
-        ``COMPILED_MAX_TOKENS``, an empty cache, the Metal kernels in use)."""
-        cache, n = seq.cache, len(p)
+        """:meth:`_run` as one compiled function (:meth:`_call_compiled`);
+        None where that does not apply."""
+        x = tokens if tokens is not None else mx.array(p.tokens)
+        r = p.rule
+        return self._call_compiled(seq, x, p.positions, r.query_slot, r.query_limit, r.key_visible_until, rows)
+
+    def _call_compiled(self, seq: "Decoding", x: mx.array, positions, query_slot, query_limit,
+                       visible: Optional[np.ndarray], rows) -> Optional[mx.array]:
+        """One pass of ``seq`` as one compiled function (``mx.compile``) of
+        the pass's arrays and the cache's whole buffers, which it returns with
+        the pass's entries written in (in place: the cache lets go of them
+        during the pass); logits at ``rows``. ``visible``: the rule's
+        ``key_visible_until`` over the cache and the pass (None: every key
+        stays visible). Positions and the mask always go in as arrays, and
+        the keys attended are the cache's slots rounded up
+        (:func:`compiled_keys`; the mask hides the slots past the pass), so
+        passes of the same width reuse one compiled graph across cache
+        lengths: MLX builds it once instead of op by op in every pass, and
+        fuses its elementwise work. None where it does not apply (a pass
+        wider than ``COMPILED_MAX_TOKENS``, an empty cache, the Metal kernels
+        in use)."""
+        cache, n = seq.cache, len(positions)
         start = cache.length
         if n > COMPILED_MAX_TOKENS or cache.layers[0].keys is None or kernels_available():
             return None
@@ -283,28 +317,30 @@ class Engine:
         for c in cache.layers:
             c.reserve(keys)
         until = np.full(keys, NEVER, np.int32)
-        until[: start + n] = p.rule.key_visible_until
-        x = tokens if tokens is not None else mx.array(p.tokens)
-        fn = self._compiled_fn or self._compiled_function()
-        out = fn(x.reshape(1, n), mx.array(p.positions, mx.int32)[None], mx.array([start], mx.int32),
-                 mx.array(p.rule.query_slot, mx.int32), mx.array(p.rule.query_limit, mx.int32),
-                 mx.array(until), mx.array(rows, mx.int32), *cache.take_buffers())
+        if visible is not None:
+            until[: start + n] = visible
+        fn = self._compiled_function()
+        out = fn(x.reshape(1, n), mx.array(positions, mx.int32)[None], mx.array([start], mx.int32),
+                 mx.array(query_slot, mx.int32), mx.array(query_limit, mx.int32), mx.array(until),
+                 mx.array(rows, mx.int32), *cache.take_buffers())
         cache.put_buffers(out[1:], start + n)
         seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, cache.length)
         return out[0][0]
 
-    def _compiled_function(self):
-        """The compiled pass of this model: one per model, so that every
+    def _compiled_function(self, traced=_compiled_pass):
+        """``traced`` compiled for this model: once per model, so that every
         engine of a process reuses the graphs already built, unless its
         weights were replaced since (a compiled graph holds the arrays it was
         built with)."""
-        weights = tuple(id(a) for _, a in tree_flatten(self.model.parameters()))
-        held = self.model.__dict__.get("_memosight_compiled_pass")
-        if held is None or held[0] != weights:
-            held = self.model.__dict__["_memosight_compiled_pass"] = (
-                weights, mx.compile(partial(_compiled_pass, self.model)))
-        self._compiled_fn = held[1]
-        return self._compiled_fn
+        fn = self._compiled_fns.get(traced)
+        if fn is None:
+            weights = tuple(id(a) for _, a in tree_flatten(self.model.parameters()))
+            name = f"_memosight{traced.__name__}"
+            held = self.model.__dict__.get(name)
+            if held is None or held[0] != weights:
+                held = self.model.__dict__[name] = (weights, mx.compile(partial(traced, self.model)))
+            fn = self._compiled_fns[traced] = held[1]
+        return fn
 
     def _prefill(self, seq: "Decoding", prompt: List[int], start: int = 0) -> mx.array:
         """Prefill the prompt from token ``start`` (the cache holds the
@@ -493,12 +529,15 @@ class Engine:
         This is the layout's plain decode pass (one token, causal, nothing
         hidden), which needs neither a mask nor per-token positions; building
         it directly keeps per-token overhead at mlx-lm's level."""
-        seq.cache.begin_pass(position, None)
-        logits = forward(self.model, token.reshape(1, 1), None, cache=seq.cache)
+        n = seq.cache.length
+        logits = self._call_compiled(seq, token, [position], [n], [n + 1], None, [0]) if self.compiled else None
+        if logits is None:
+            seq.cache.begin_pass(position, None)
+            logits = forward(self.model, token.reshape(1, 1), None, cache=seq.cache)[0]
         seq.stats.forward_passes += 1
         seq.stats.pass_tokens += 1
         seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, seq.cache.length)
-        return seq.select(logits[0], at=position + 1)
+        return seq.select(logits, at=position + 1)
 
     def _plain_step(self, seq: "Decoding", lookahead, speculate: bool):
         """Plain decoding, pipelined as mlx-lm does: the pass feeding the next
@@ -689,6 +728,10 @@ class BatchEngine(Engine):
         R = max([len(plan.rows) for (_, plan, _, _), f in zip(feeds, final) if f] + [1])
         starts = [seq.cache.length for seq, _, _, _ in feeds]
         K = max(starts) + N
+        compiled = (self.compiled and N <= COMPILED_MAX_TOKENS and self.batch.layers[0].keys is not None
+                    and not kernels_available())
+        if compiled:
+            K = compiled_keys(K)
         tokens = np.zeros((B, N), np.int32)
         positions = np.zeros((B, N), np.int32)
         q_slot = np.zeros((B, N), np.int32)
@@ -707,12 +750,25 @@ class BatchEngine(Engine):
             if final[b]:
                 rows[b, : len(plan.rows)] = plan.rows - fed
             seq.stats.peak_kv_tokens = max(seq.stats.peak_kv_tokens, start + n)
-        mask = CompactMask(mx.array(q_slot), mx.array(q_limit), mx.array(until))
-        self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, [end - fed for _, _, fed, end in feeds])
+        widths = [end - fed for _, _, fed, end in feeds]
         x = mx.array(tokens) if lazy_tokens is None else lazy_tokens.astype(mx.int32)
-        h = forward(self.model, x, None, cache=self.batch, hidden=True)
-        h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
-        logits = lm_head(self.model, h)
+        if compiled:  # as Engine._call_compiled, for the whole batch
+            index = (np.array(starts, np.int32)[:, None] + np.arange(N, dtype=np.int32))[:, None, :, None]
+            for layer in self.batch.layers:
+                layer.grow(K)
+            fn = self._compiled_function(_compiled_batch_pass)
+            out = fn(x, mx.array(positions), mx.array(index), mx.array(q_slot), mx.array(q_limit), mx.array(until),
+                     mx.array(rows), *self.batch.take_buffers())
+            self.batch.put_buffers(out[1:])
+            for r, w in zip(self.batch.rows, widths):
+                r.length += w
+            logits = out[0]
+        else:
+            mask = CompactMask(mx.array(q_slot), mx.array(q_limit), mx.array(until))
+            self.batch.begin_pass(TokenPositions(mx.array(positions)), mask, widths)
+            h = forward(self.model, x, None, cache=self.batch, hidden=True)
+            h = mx.take_along_axis(h, mx.array(rows)[..., None], axis=1)
+            logits = lm_head(self.model, h)
         chosen = mx.argmax(logits, axis=-1)
         if not all(seq.greedy for seq, _, _, _ in feeds):
             chosen = mx.stack([

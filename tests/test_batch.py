@@ -90,6 +90,24 @@ def test_batched_equals_alone(loaded, name):
                        for c, it in zip(compressing, log))
 
 
+@pytest.mark.parametrize("name", ["memosight", "draft-2-last", "no-foresight", "plain"])
+def test_compiled_batch_passes_equal_passes_built_op_by_op(loaded, name, monkeypatch):
+    """Batched passes run as one compiled function (the default where the
+    Metal kernels are not used) commit what single sequences decoded with
+    passes built op by op commit, as rows join, compress and leave."""
+    task, model, cfg = loaded
+    kw = CONFIGS[name]
+    prompts = sixteen_prompts(task, seed=9)
+    max_tokens = budgets(len(prompts))
+    monkeypatch.setattr(Engine, "compiled", False)
+    expected = alone(model, cfg, prompts, max_tokens, **kw)
+    monkeypatch.setattr(Engine, "compiled", True)
+    for bs in (4, 16):
+        got, _ = continuous(BatchEngine(model, cfg, **kw), prompts, max_tokens, bs)
+        assert got == expected, (name, bs)
+    assert "_memosight_compiled_batch_pass" in model.__dict__
+
+
 def test_sequences_join_mid_way_and_leave_at_once(loaded):
     task, model, cfg = loaded
     prompts = sixteen_prompts(task, seed=9)
