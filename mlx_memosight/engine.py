@@ -30,7 +30,8 @@ from mlx.utils import tree_flatten
 from .cache import BatchKVCache, KVCache, PromptCache
 from .config import MemoSightConfig
 from .errors import GenerationError
-from .kernels import CompactMask, kernels_available
+from . import kernels
+from .kernels import CompactMask
 from .layout import NEVER, Pass, PassBuilder, StepState
 from .model import TokenPositions, forward, lm_head
 from .options import MAX_DRAFT_LEN, GenerationOptions
@@ -311,7 +312,7 @@ class Engine:
         in use)."""
         cache, n = seq.cache, len(positions)
         start = cache.length
-        if n > COMPILED_MAX_TOKENS or cache.layers[0].keys is None or kernels_available():
+        if n > COMPILED_MAX_TOKENS or cache.layers[0].keys is None or kernels.kernels_available():
             return None
         keys = compiled_keys(start + n)
         for c in cache.layers:
@@ -729,7 +730,7 @@ class BatchEngine(Engine):
         starts = [seq.cache.length for seq, _, _, _ in feeds]
         K = max(starts) + N
         compiled = (self.compiled and N <= COMPILED_MAX_TOKENS and self.batch.layers[0].keys is not None
-                    and not kernels_available())
+                    and not kernels.kernels_available())
         if compiled:
             K = compiled_keys(K)
         tokens = np.zeros((B, N), np.int32)
