@@ -30,18 +30,13 @@ class _Pass:
         self.mask = None
 
 
-class LayerCache:
-    """One layer's keys and values."""
+class PassLayer:
+    """mlx-lm's cache protocol for one layer, read off the pass in flight
+    (``self._pass``): the RoPE offset, the mask (a compact mask that
+    attention reads), and truthiness (an empty cache is still a cache)."""
 
-    step = 256
+    _pass: _Pass
 
-    def __init__(self, current: _Pass):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.length = 0
-        self._pass = current
-
-    # -- mlx-lm's protocol -------------------------------------------------
     @property
     def offset(self):
         return self._pass.offset
@@ -52,6 +47,19 @@ class LayerCache:
     def __bool__(self):
         return True
 
+
+class LayerCache(PassLayer):
+    """One layer's keys and values."""
+
+    step = 256
+
+    def __init__(self, current: _Pass):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.length = 0
+        self._pass = current
+
+    # -- mlx-lm's protocol (PassLayer) and update_and_fetch -----------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
         prev = self.length

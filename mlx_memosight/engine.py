@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import BatchKVCache, KVCache, PromptCache
+from .cache import BatchKVCache, KVCache, PassLayer, PromptCache
 from .config import MemoSightConfig
 from .errors import GenerationError
 from . import kernels
@@ -121,23 +121,13 @@ class _TracedPass:
         self.offset, self.mask, self.start, self.num_keys = offset, mask, start, num_keys
 
 
-class _TracedLayer:
+class _TracedLayer(PassLayer):
     """One layer's cache inside a compiled pass (mlx-lm's cache protocol):
     the pass's entries go into the whole buffer at the traced slot
     ``start``; attention reads the first ``num_keys`` slots."""
 
     def __init__(self, current: _TracedPass, keys: mx.array, values: mx.array):
         self._pass, self.keys, self.values = current, keys, values
-
-    @property
-    def offset(self):
-        return self._pass.offset
-
-    def make_mask(self, *args, **kwargs):
-        return self._pass.mask
-
-    def __bool__(self):
-        return True
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys = mx.slice_update(self.keys, keys, self._pass.start, axes=(2,))
