@@ -242,7 +242,7 @@ def train_one(kind, path, content_tokens):
         from mlx_memosight.train import memosight_loss, memosight_token_rows, setup_trainable
 
         if kind == "memosight_mask":
-            blockwise.BLOCKWISE_FROM = 10 ** 9
+            blockwise.BLOCKWISE_FROM = 10 ** 9  # the mask array at any length, on any device
         model, _ = load(path)
         setup_trainable(model, "lora", -1, lora, memosight_token_rows(tok))
         batch, loss = batch_arrays([sample], 1.0, 1.0), memosight_loss

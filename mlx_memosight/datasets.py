@@ -417,10 +417,10 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
     Returns:
         ``(inputs, positions, query_slot, query_limit, key_visible_until,
         rows, targets, weights, real_tokens)``, and for batches long enough
-        to attend blockwise the keys each block of queries can see
-        (:func:`train.attention.visible_keys`).
+        to attend blockwise the keys each block of queries can see where
+        gathering them pays (:func:`train.attention.batch_key_index`).
     """
-    from .train.attention import query_block, uses_blockwise, visible_keys
+    from .train.attention import batch_key_index, query_block, uses_blockwise
 
     T = bucket_length(max(len(s) for s in samples))
     b = collate(samples, T, pad_id=pad_id)
@@ -437,7 +437,8 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
     real = sum(s.num_real_tokens for s in samples)
     extra = ()
     if uses_blockwise(T):
-        extra = (mx.array(visible_keys(b.query_slot, b.query_limit, b.key_visible_until, query_block(T))),)
+        index = batch_key_index(b.query_slot, b.query_limit, b.key_visible_until, query_block(T))
+        extra = () if index is None else (mx.array(index),)
     return (
         mx.array(b.input_ids),
         mx.array(b.positions),

@@ -153,9 +153,39 @@ def test_visible_keys_of_a_reasoning_sample():
                                       key_index=mx.array(index))
 
 
-def test_long_sequences_train_blockwise():
-    short = causal_rule(1, blockwise.BLOCKWISE_FROM)
-    long = causal_rule(2, blockwise.BLOCKWISE_FROM + 1)
+def test_batches_gather_keys_only_where_it_pays():
+    """A long MemoSight sample's batch carries the keys each block sees (a
+    fraction of the keys before it); an ordinary SFT sample of the same
+    length sees every earlier key, so its batch attends to keys [0, j)
+    without gathering."""
+    from helpers import random_steps, spec_token_ids
+    from mlx_memosight.datasets import batch_arrays, plain_sample
+    from mlx_memosight.layout import build_training_sample
+
+    ids = spec_token_ids()
+    steps, lens = random_steps(np.random.default_rng(0), 60, ids, min_len=15, max_len=30)
+    memo = build_training_sample(list(range(3, 40)), steps, ids, 12, 2, thought_lens=lens)
+    answer = [t for step in steps for t in step][: len(memo) - 40]
+    plain = plain_sample(list(range(3, 40)), answer, eos=None)
+    assert blockwise.uses_blockwise(len(memo)) and blockwise.uses_blockwise(len(plain))
+    memo_batch, plain_batch = batch_arrays([memo], 1.0, 1.0), batch_arrays([plain], 1.0, 1.0)
+    assert len(memo_batch) == len(plain_batch) + 1  # the key index
+    index = np.array(memo_batch[-1])
+    blocks = blockwise._blocks(memo_batch[0].shape[1], blockwise.query_block(memo_batch[0].shape[1]))
+    assert index.size <= blockwise.GATHER_SHARE * sum(j for _, j in blocks)
+
+
+def test_long_sequences_train_blockwise(monkeypatch):
+    """Past GPU_BLOCKWISE_FROM tokens on a GPU, every sequence on the CPU."""
+    n = blockwise.GPU_BLOCKWISE_FROM
+    short, long = causal_rule(1, n), causal_rule(2, n + 1)
+    assert mx.default_device() == mx.cpu or not blockwise.uses_blockwise(n)
+    assert blockwise.uses_blockwise(n + 1)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert blockwise.uses_blockwise(8)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert not blockwise.uses_blockwise(n) and blockwise.uses_blockwise(n + 1)
+    monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", n)
     assert isinstance(blockwise.training_mask(*short), mx.array)
     mask = blockwise.training_mask(*long)
     assert isinstance(mask, blockwise.BlockwiseMask)

@@ -76,8 +76,10 @@ def attention(request, monkeypatch):
     """Each loss test runs with the materialised mask and the whole output
     layer, and with blockwise attention (every sequence, blocks of 16 queries)
     and the output layer and cross-entropy in checkpointed chunks of 7 rows."""
+    from mlx_memosight.train import attention as blockwise
+
+    monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", 10 ** 9)  # the mask array (the CPU default is blockwise)
     if request.param == "blockwise":
-        from mlx_memosight.train import attention as blockwise
         from mlx_memosight.train import loss
 
         monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", 0)

@@ -232,6 +232,7 @@ def test_long_sequence_paths_give_the_same_curve(trained, tmp_path, monkeypatch,
 
     workdir, _ = trained
     kw = dict(iters=3, grad_checkpoint=True, fine_tune_type=fine_tune_type)
+    monkeypatch.setattr(attention, "BLOCKWISE_FROM", 10 ** 9)  # the whole mask (the CPU default is blockwise)
     _, whole = api_run(workdir, tmp_path / "a", **kw)
     monkeypatch.setattr(attention, "BLOCKWISE_FROM", 0)
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
