@@ -438,7 +438,7 @@ def batch_arrays(samples: Sequence[Sample], lm_scale: float, mtp_scale: float, p
     extra = ()
     if uses_blockwise(T):
         index = batch_key_index(b.query_slot, b.query_limit, b.key_visible_until, query_block(T))
-        extra = () if index is None else (mx.array(index),)
+        extra = tuple(mx.array(x) for x in index)
     return (
         mx.array(b.input_ids),
         mx.array(b.positions),

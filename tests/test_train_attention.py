@@ -43,9 +43,17 @@ def reference(q, k, v, scale, rule):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
+GATHERED = [False, True, "groups"]
+GATHERED_IDS = ["all-keys", "visible-keys", "key-groups"]
+
+
 def key_index(rule, block, gathered):
-    """The batch's visible keys per block (the gathered path), or None."""
-    return mx.array(blockwise.visible_keys(*(np.array(a) for a in rule), block)) if gathered else None
+    """The batch's visible keys per block (the gathered path): one array, or
+    the arrays of three runs of blocks (``"groups"``); None for all keys."""
+    rule = tuple(np.array(a) for a in rule)
+    if gathered == "groups":
+        return [mx.array(x) for x in blockwise.visible_key_groups(*rule, block, groups=3)]
+    return mx.array(blockwise.visible_keys(*rule, block)) if gathered else None
 
 
 def losses(rule, block, weight, gathered=False):
@@ -61,7 +69,7 @@ def losses(rule, block, weight, gathered=False):
     return ref, new
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
+@pytest.mark.parametrize("gathered", GATHERED, ids=GATHERED_IDS)
 @pytest.mark.parametrize("block", [7, 32, 64, 200])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (7, 1)])
 def test_values_and_gradients_equal_the_masked_reference(block, heads, gathered):
@@ -81,7 +89,7 @@ def test_values_and_gradients_equal_the_masked_reference(block, heads, gathered)
         np.testing.assert_allclose(np.array(b) / scale, np.array(a) / scale, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
+@pytest.mark.parametrize("gathered", GATHERED, ids=GATHERED_IDS)
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_stays_within_rounding(dtype, gathered):
     B, L, D = 2, 80, 32
@@ -95,7 +103,7 @@ def test_half_precision_stays_within_rounding(dtype, gathered):
         np.testing.assert_allclose(b / np.abs(a).max(), a / np.abs(a).max(), atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["all-keys", "visible-keys"])
+@pytest.mark.parametrize("gathered", GATHERED, ids=GATHERED_IDS)
 def test_compiled_value_and_grad_equals_the_reference(gathered):
     """mlx-lm's trainer compiles its step: the block structure depends on
     shapes only (the visible keys are an input array), so the compiled
@@ -105,8 +113,7 @@ def test_compiled_value_and_grad_equals_the_reference(gathered):
     weight = mx.random.normal(q.shape, key=mx.random.key(8))
 
     def attend(q, k, v, slot, limit, until, *index):
-        out = blockwise.blockwise_attention(q, k, v, 0.3, slot, limit, until, block=24,
-                                            key_index=index[0] if index else None)
+        out = blockwise.blockwise_attention(q, k, v, 0.3, slot, limit, until, block=24, key_index=index or None)
         return (out.astype(mx.float32) * weight).sum()
 
     step = mx.compile(mx.value_and_grad(attend, argnums=(0, 1, 2)))
@@ -115,7 +122,8 @@ def test_compiled_value_and_grad_equals_the_reference(gathered):
         index = key_index(rule, 24, gathered)
         ref, _ = losses(rule, 24, weight)
         want = mx.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v)
-        got = step(q, k, v, *rule, *([index] if gathered else []))
+        index = [] if index is None else [index] if isinstance(index, mx.array) else index
+        got = step(q, k, v, *rule, *index)
         np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-5)
         for a, b in zip(want[1], got[1]):
             np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=0)
@@ -147,6 +155,12 @@ def test_visible_keys_of_a_reasoning_sample():
         assert set(np.flatnonzero(mask[i:j].any(axis=0))) <= set(keys)
         scored += len(keys)
     assert T > 4000 and scored < 0.25 * sum(j for _, j in blockwise._blocks(T, block))
+    groups = blockwise.visible_key_groups(*rule, block, groups=4)
+    rows = [row for g in groups for row in g]
+    assert len(rows) == len(index)
+    assert all(np.array_equal(a[a >= 0], b[b >= 0]) for a, b in zip(rows, index))
+    widths = [g.shape[1] for g in groups]
+    assert widths == sorted(widths) and sum(g.size for g in groups) < 0.8 * index.size  # less padding
     q = k = v = mx.zeros((1, 2, T, 8))
     with pytest.raises(ValueError, match="blocks of 64 need"):
         blockwise.blockwise_attention(q, k, v, 1.0, *(mx.array(a) for a in rule), block=64,
@@ -169,10 +183,12 @@ def test_batches_gather_keys_only_where_it_pays():
     plain = plain_sample(list(range(3, 40)), answer, eos=None)
     assert blockwise.uses_blockwise(len(memo)) and blockwise.uses_blockwise(len(plain))
     memo_batch, plain_batch = batch_arrays([memo], 1.0, 1.0), batch_arrays([plain], 1.0, 1.0)
-    assert len(memo_batch) == len(plain_batch) + 1  # the key index
-    index = np.array(memo_batch[-1])
+    assert len(plain_batch) == 9
+    index = [np.array(x) for x in memo_batch[9:]]  # the key groups
+    assert len(index) == blockwise.KEY_GROUPS
     blocks = blockwise._blocks(memo_batch[0].shape[1], blockwise.query_block(memo_batch[0].shape[1]))
-    assert index.size <= blockwise.GATHER_SHARE * sum(j for _, j in blocks)
+    assert sum(x.shape[0] for x in index) == len(blocks)
+    assert sum(x.size for x in index) <= blockwise.GATHER_SHARE * sum(j for _, j in blocks)
 
 
 def test_long_sequences_train_blockwise(monkeypatch):

@@ -25,7 +25,7 @@ gradients back: on long reasoning samples a fifth or less of the work.
 """
 
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -155,21 +155,27 @@ def _attention_fn(scale: float, block: int):
     return attend
 
 
+def _grouped_blocks(length: int, block: int, index):
+    """The blocks ``(i, j)`` with their gathered keys: row ``r`` of the
+    group array ``index[g]`` for the groups in order."""
+    blocks = iter(_blocks(length, block))
+    return [(next(blocks), group[r]) for group in index for r in range(group.shape[0])]
+
+
 @lru_cache(maxsize=None)
 def _gathered_attention_fn(scale: float, block: int):
     @mx.custom_function
-    def attend(q, k, v, query_slot, query_limit, key_visible_until, key_index):
+    def attend(q, k, v, query_slot, query_limit, key_visible_until, *key_index):
         qg, kg, vg = _grouped(q, k, v)
         out = []
-        for b, (i, j) in enumerate(_blocks(q.shape[2], block)):
-            t, keys = _gathered_scores(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j,
-                                       key_index[b])
+        for (i, j), index in _grouped_blocks(q.shape[2], block, key_index):
+            t, keys = _gathered_scores(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j, index)
             out.append(_attend_block(t, mx.take(vg, keys, axis=3)))
         return _output(out, q)
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
-        q, k, v, query_slot, query_limit, key_visible_until, key_index = primals
+        q, k, v, query_slot, query_limit, key_visible_until, *key_index = primals
         qg, kg, vg = _grouped(q, k, v)
         dog = cotangents[0].reshape(qg.shape)
         og = outputs[0].reshape(qg.shape)
@@ -177,9 +183,8 @@ def _gathered_attention_fn(scale: float, block: int):
         dq = []
         dk = mx.zeros(k.shape, mx.float32)
         dv = mx.zeros(v.shape, mx.float32)
-        for b, (i, j) in enumerate(_blocks(q.shape[2], block)):
-            t, keys = _gathered_scores(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j,
-                                       key_index[b])
+        for (i, j), index in _grouped_blocks(q.shape[2], block, key_index):
+            t, keys = _gathered_scores(qg, kg, scale, query_slot, query_limit, key_visible_until, i, j, index)
             p = _exp2(t - lse[..., i:j, :])
             dq_b, dk_b, dv_b = _block_gradients(p, qg, mx.take(kg, keys, axis=3), mx.take(vg, keys, axis=3),
                                                 dog, og, scale, i, j)
@@ -189,18 +194,23 @@ def _gathered_attention_fn(scale: float, block: int):
             dv = dv.at[:, :, keys, :].add(dv_b)
         dq = mx.concatenate(dq, axis=3).reshape(q.shape)
         return (dq, dk.astype(k.dtype), dv.astype(v.dtype), mx.zeros_like(query_slot),
-                mx.zeros_like(query_limit), mx.zeros_like(key_visible_until), mx.zeros_like(key_index))
+                mx.zeros_like(query_limit), mx.zeros_like(key_visible_until),
+                *(mx.zeros_like(x) for x in key_index))
 
     return attend
 
 
-def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_until: np.ndarray,
-                 block: int) -> np.ndarray:
+def visible_key_groups(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_until: np.ndarray,
+                       block: int, groups: int = 1) -> List[np.ndarray]:
     """Per block of ``block`` queries, the keys some query of the block sees
-    in some row of the batch (``(B, T)`` rule arrays of a causal batch):
-    ``(blocks, K)`` int32, ascending, ``-1`` after the last, ``K`` the most any
-    block needs rounded up as batch lengths are (``datasets.bucket_length``:
-    few distinct shapes for the compiled training step).
+    in some row of the batch (``(B, T)`` rule arrays of a causal batch), for
+    ``groups`` runs of consecutive blocks (as even as can be): per run a
+    ``(blocks, K)`` int32 array, ascending, ``-1`` after the last, ``K`` the
+    most any of its blocks needs rounded up as batch lengths are
+    (``datasets.bucket_length``: few distinct shapes for the compiled training
+    step). A MemoSight sample's early blocks see few keys and its late ones
+    the memory tokens of every earlier step, so runs padded each to its own
+    widest block score fewer padding keys than one array would.
 
     A query with slot ``s`` and limit ``l`` sees key ``k`` when ``k == s`` or
     ``k < l`` and ``s < until[k]``; the block's smallest slot and largest
@@ -216,11 +226,20 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
                 & (key_visible_until > query_slot[:, i:j].min(axis=1, keepdims=True))).any(axis=0)
         seen[query_slot[:, i:j].ravel()] = True
         sets.append(np.flatnonzero(seen))
-    K = bucket_length(max(len(x) for x in sets))
-    out = np.full((len(sets), K), -1, np.int32)
-    for b, x in enumerate(sets):
-        out[b, : len(x)] = x
+    out = []
+    for run in np.array_split(np.arange(len(sets)), min(groups, len(sets))):
+        K = bucket_length(max(len(sets[b]) for b in run))
+        index = np.full((len(run), K), -1, np.int32)
+        for r, b in enumerate(run):
+            index[r, : len(sets[b])] = sets[b]
+        out.append(index)
     return out
+
+
+def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_until: np.ndarray,
+                 block: int) -> np.ndarray:
+    """:func:`visible_key_groups` as one ``(blocks, K)`` array."""
+    return visible_key_groups(query_slot, query_limit, key_visible_until, block)[0]
 
 
 # A gathered block costs its K keys' scores plus gathering them and
@@ -229,15 +248,17 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
 # samples see every earlier key, so gathering would score the block's future
 # keys too: 1.85x slower steps at 7k tokens).
 GATHER_SHARE = 0.75
+KEY_GROUPS = 4  # runs of blocks with their own number of gathered keys (visible_key_groups)
 
 
 def batch_key_index(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_until: np.ndarray,
-                    block: int) -> Optional[np.ndarray]:
-    """:func:`visible_keys` where gathering them saves work over attending
-    to keys ``[0, j)`` block by block, else ``None``."""
-    index = visible_keys(query_slot, query_limit, key_visible_until, block)
+                    block: int) -> Tuple[np.ndarray, ...]:
+    """:func:`visible_key_groups` (:data:`KEY_GROUPS` runs) where gathering
+    them saves work over attending to keys ``[0, j)`` block by block, else
+    ``()``."""
+    index = visible_key_groups(query_slot, query_limit, key_visible_until, block, KEY_GROUPS)
     causal = sum(j for _, j in _blocks(query_slot.shape[-1], block))
-    return index if index.size <= GATHER_SHARE * causal else None
+    return tuple(index) if sum(x.size for x in index) <= GATHER_SHARE * causal else ()
 
 
 def query_block(length: int) -> int:
@@ -245,24 +266,30 @@ def query_block(length: int) -> int:
     return min(QUERY_BLOCK, max(64, BLOCK_SCORES // max(length, 1)))
 
 
+KeyIndex = Union[mx.array, Sequence[mx.array]]
+
+
 def blockwise_attention(queries, keys, values, scale: float, query_slot, query_limit, key_visible_until,
-                        block: Optional[int] = None, key_index: Optional[mx.array] = None) -> mx.array:
+                        block: Optional[int] = None, key_index: Optional[KeyIndex] = None) -> mx.array:
     """MemoSight-masked attention of a causal training sequence, ``block``
     queries at a time, differentiable with memory linear in the length.
 
     ``queries`` ``(B, H, L, D)``, ``keys`` / ``values`` ``(B, Hkv, L, D)``
     (grouped-query attention when ``Hkv < H``); the rule arrays are ``(B, L)``.
-    With ``key_index`` (:func:`visible_keys` of the rule at the same
-    ``block``), each block scores only the keys it can see.
+    With ``key_index`` (:func:`visible_keys`, or the arrays of
+    :func:`visible_key_groups`, of the rule at the same ``block``), each block
+    scores only the keys it can see.
     """
     block = block or query_block(queries.shape[2])
-    if key_index is not None:
+    if key_index is not None and len(key_index):
+        index = (key_index,) if isinstance(key_index, mx.array) else tuple(key_index)
         blocks = len(_blocks(queries.shape[2], block))
-        if key_index.ndim != 2 or key_index.shape[0] != blocks:
-            raise ValueError(f"key_index has shape {tuple(key_index.shape)}, but {queries.shape[2]} queries in "
-                             f"blocks of {block} need ({blocks}, K): build it with visible_keys at this block size")
+        shapes = [tuple(x.shape) for x in index]
+        if any(len(x) != 2 for x in shapes) or sum(x[0] for x in shapes) != blocks:
+            raise ValueError(f"key_index has shapes {shapes}, but {queries.shape[2]} queries in blocks of {block} "
+                             f"need {blocks} rows of keys in all: build it with visible_keys at this block size")
         return _gathered_attention_fn(float(scale), int(block))(
-            queries, keys, values, query_slot, query_limit, key_visible_until, key_index)[0]
+            queries, keys, values, query_slot, query_limit, key_visible_until, *index)[0]
     return _attention_fn(float(scale), int(block))(
         queries, keys, values, query_slot, query_limit, key_visible_until)[0]
 
@@ -272,7 +299,7 @@ class BlockwiseMask(kernels.CompactMask):
     runs :func:`blockwise_attention` instead of a mask array."""
 
     def __init__(self, query_slot, query_limit, key_visible_until, block: Optional[int] = None,
-                 key_index: Optional[mx.array] = None):
+                 key_index: Optional[KeyIndex] = None):
         super().__init__(query_slot, query_limit, key_visible_until)
         self.block = block
         self.key_index = key_index
@@ -291,11 +318,11 @@ def uses_blockwise(length: int) -> bool:
     return length > limit
 
 
-def training_mask(query_slot, query_limit, key_visible_until, key_index: Optional[mx.array] = None):
+def training_mask(query_slot, query_limit, key_visible_until, key_index: Optional[KeyIndex] = None):
     """The mask one training micro-batch runs with: a boolean array for short
     sequences (one fused attention call), else blockwise attention
     (:func:`uses_blockwise`; over the gathered visible keys with ``key_index``,
-    :func:`visible_keys` at :func:`query_block` of the length)."""
+    :func:`visible_key_groups` at :func:`query_block` of the length)."""
     if uses_blockwise(query_slot.shape[-1]):
         return BlockwiseMask(query_slot, query_limit, key_visible_until, key_index=key_index)
     return attention_mask(query_slot, query_limit, key_visible_until, xp=mx)

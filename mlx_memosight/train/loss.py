@@ -40,7 +40,7 @@ def scored_loss(model, h, targets, weights):
 
 
 def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visible_until,
-                   rows, targets, weights, real_tokens, key_index=None):
+                   rows, targets, weights, real_tokens, *key_index):
     """SPEC's joint loss of one micro-batch, as mlx-lm's trainer calls it.
 
     The arrays are :func:`datasets.batch_arrays`' tuple. Logits are computed
@@ -49,16 +49,17 @@ def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visibl
     weight over its stream's target count, with the factors the trainer
     expects, see :class:`BatchIterator`).
 
-    Short sequences attend with the materialised mask (one
-    ``mx.fast.scaled_dot_product_attention`` call); longer ones with
-    :func:`attention.blockwise_attention`, whose memory grows linearly with
-    the length (:func:`attention.training_mask`), over the keys each block can
-    see when the batch gives ``key_index``.
+    Short sequences on a GPU attend with the materialised mask (one
+    ``mx.fast.scaled_dot_product_attention`` call); longer ones, and every
+    one on the CPU, with :func:`attention.blockwise_attention`, whose memory
+    grows linearly with the length (:func:`attention.training_mask`), over the keys each block can
+    see when the batch gives them (``key_index``: the arrays of
+    :func:`attention.visible_key_groups`).
 
     Returns:
         ``(loss, real_tokens)``.
     """
-    mask = training_mask(query_slot, query_limit, key_visible_until, key_index)
+    mask = training_mask(query_slot, query_limit, key_visible_until, key_index or None)
     h = forward(model, inputs, positions, mask, hidden=True)
     h = mx.take_along_axis(h, rows[..., None], axis=1)
     return scored_loss(model, h, targets, weights), real_tokens
