@@ -39,8 +39,8 @@ BLOCK_SCORES = 1 << 20  # and at most this many scores per head and block (fewer
 # None: past GPU_BLOCKWISE_FROM on a GPU (shorter ones make one fused attention
 # call with the mask array), every sequence on the CPU, where blockwise
 # attention's base-2 exponentials make it the faster of the two at any length
-# (training steps on 650- and 930-token samples of train_tiny_reasoner.py
-# --task turns: 1.2x and 1.5x faster).
+# (its gradient 1.44x and 1.50x as fast at 650 and 930 tokens with OpenBLAS:
+# examples/bench_train_attention.py).
 BLOCKWISE_FROM: Optional[int] = None
 GPU_BLOCKWISE_FROM = 1024
 
@@ -50,9 +50,10 @@ def _blocks(length: int, block: int):
 
 
 # Softmax in base 2: 2 ** (s * log2(e)) is exp(s). On MLX's CPU backend
-# mx.power with a scalar base runs about 2.7x faster than mx.exp over a score
-# matrix (and is the more exact of the two), and the exponentials are most of
-# the time a long training sample spends attending.
+# mx.power with a scalar base runs about 2.5x faster than mx.exp over a score
+# matrix, as exact once the scores are scaled by log2(e)
+# (examples/bench_train_attention.py), and the exponentials are most of the
+# time a long training sample spends attending.
 _LOG2E = 1.4426950408889634
 
 
@@ -246,7 +247,8 @@ def visible_keys(query_slot: np.ndarray, query_limit: np.ndarray, key_visible_un
 # scattering their gradients; blocks of plain causal attention score keys
 # [0, j) in place. Gather only where it scores well under that (ordinary SFT
 # samples see every earlier key, so gathering would score the block's future
-# keys too: 1.85x slower steps at 7k tokens).
+# keys too: the attention gradient of a 7,000-token causal sequence 1.9x
+# slower, examples/bench_train_attention.py).
 GATHER_SHARE = 0.75
 KEY_GROUPS = 4  # runs of blocks with their own number of gathered keys (visible_key_groups)
 
