@@ -59,7 +59,7 @@ def memosight_loss(model, inputs, positions, query_slot, query_limit, key_visibl
     Returns:
         ``(loss, real_tokens)``.
     """
-    mask = training_mask(query_slot, query_limit, key_visible_until, key_index or None)
+    mask = training_mask(query_slot, query_limit, key_visible_until, key_index)
     h = forward(model, inputs, positions, mask, hidden=True)
     h = mx.take_along_axis(h, rows[..., None], axis=1)
     return scored_loss(model, h, targets, weights), real_tokens
