@@ -124,7 +124,12 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     """Draw one long problem: a dial turned forward from turn 0 to a turn
     between ``MIN_TURNS`` and ``MAX_TURNS``. With ``steps_range`` (fewest,
     most; both ends included) the problem starts that many turns before its
-    last instead, so its turn numbers are those of a long problem."""
+    last instead, so its turn numbers are those of a long problem.
+
+    The question names the last turn twice, the first time as every step
+    does (``at turn 118 of 134``, ``Turn 119 of 134: ...``): a step copies
+    it from the question as plain decoding copies it from the previous step,
+    which a compressed step no longer offers."""
     name, pron = NAMES[rng.integers(len(NAMES))]
     value = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
@@ -132,8 +137,8 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     first = 0 if steps_range is None else turns - int(rng.integers(steps_range[0], steps_range[1] + 1))
     counts = [(value + n * (t - first)) % DIAL for t in range(first, turns + 1)]
     question = (
-        f"{name}'s dial shows {value} at turn {first:03d}. Every turn {pron} moves it {n} forward, and after "
-        f"{DIAL - 1} it goes on from 0. What does it show at turn {turns:03d}?"
+        f"{name}'s dial shows {value} at turn {first:03d} of {turns:03d}. Every turn {pron} moves it {n} forward, "
+        f"and after {DIAL - 1} it goes on from 0. What does it show at turn {turns:03d}?"
     )
     thoughts = [
         f"Turn {t:03d} of {turns:03d}: {name} moves it {n}, so {counts[i]} + {n} = {counts[i + 1]}."
@@ -145,7 +150,7 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
 
 # the forms make_turns_problem writes, for tools that read answers back
 TURN_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+) at turn (\d+)\. Every turn (?:he|she) moves it (\d) forward.* at turn (\d+)\?")
+    r"(\w+)'s dial shows (\d+) at turn (\d+)(?: of \d+)?\. Every turn (?:he|she) moves it (\d) forward.* at turn (\d+)\?")
 TURN_STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}

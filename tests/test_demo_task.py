@@ -89,7 +89,7 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 
 TURNS_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+) at turn (\d\d\d)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
+    r"(\w+)'s dial shows (\d+) at turn (\d\d\d) of (?P<of>\d\d\d)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
     r"goes on from 0\. What does it show at turn (\d\d\d)\?"
 )
 TURN = re.compile(r"Turn (\d\d\d) of (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
@@ -104,8 +104,8 @@ def test_long_task_answers_and_steps_are_right():
     for p in ps:
         m = TURNS_QUESTION.fullmatch(p.question)
         assert m, p.question
-        value, first, n, turns = int(m[2]), int(m[3]), int(m[5]), int(m[6])
-        assert first == 0
+        value, first, n, turns = int(m[2]), int(m[3]), int(m[6]), int(m[7])
+        assert first == 0 and int(m["of"]) == turns
         turn_counts.append(turns)
         assert len(p.thoughts) == turns + 1
         for t, step in enumerate(p.thoughts[:-1], 1):
@@ -138,12 +138,13 @@ def test_short_turns_problems_for_training():
     for p in short:
         m = TURNS_QUESTION.fullmatch(p.question)
         firsts.append(int(m[3]))
-        lasts.append(int(m[6]))
+        lasts.append(int(m[7]))
+        assert int(m["of"]) == lasts[-1]
         steps.append(lasts[-1] - firsts[-1])
         assert len(p.thoughts) == steps[-1] + 1
         s = TURN.fullmatch(p.thoughts[0])
         assert int(s[1]) == firsts[-1] + 1 and int(s[2]) == lasts[-1] and int(s[5]) == int(m[2])
-        assert p.answer == (int(m[2]) + steps[-1] * int(m[5])) % 100
+        assert p.answer == (int(m[2]) + steps[-1] * int(m[6])) % 100
     assert min(steps) >= demo.SHORT_STEPS[0] and max(steps) <= demo.SHORT_STEPS[1]
     assert min(lasts) >= demo.MIN_TURNS and max(lasts) <= demo.MAX_TURNS and max(lasts) >= 200
     assert short == demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
