@@ -9,8 +9,8 @@ what the step had to get right: the turn after the previous step's, the
 number of turns and the name from the question, the value the previous step
 ended with (which, once that step is compressed, only its memory entries
 carry), and the addition. Prints the share of steps right on each, and how
-many answers reach the last turn and how many then close with the task's
-final step (``At turn 131 the dial shows \\boxed{..}.``).
+many answers reach the last turn, how many of those on the right value, and
+how many then close with the task's final step (``At turn 131 the dial shows \\boxed{..}.``).
 """
 
 import json
@@ -47,21 +47,26 @@ def check_answer(question: str, output: str) -> dict:
 
 
 def answer_end(question: str, output: str) -> dict:
-    """Whether the answer has a step of the last turn (``reached``) and the
-    closing step right after it (``closed``)."""
-    turns = int(QUESTION.search(question)[5])
+    """Whether the answer has a step of the last turn (``reached``), whether
+    the first such step ends on the right value (``right_there``), and whether
+    the closing step comes right after it (``closed``)."""
+    q = QUESTION.search(question)
+    value, first, n, turns = int(q[2]), int(q[3]), int(q[4]), int(q[5])
     steps = [text.strip() for text in output.split("\n\n")]
-    last = [i for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == turns]
+    last = [(i, m) for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == turns]
+    if not last:
+        return {"reached": False, "right_there": False, "closed": False}
+    i, m = last[0]
     closing = f"At turn {turns:03d} the dial shows \\boxed{{"
-    closed = bool(last) and last[0] + 1 < len(steps) and steps[last[0] + 1].startswith(closing)
-    return {"reached": bool(last), "closed": closed}
+    return {"reached": True, "right_there": int(m[7]) == (value + n * (turns - first)) % 100,
+            "closed": i + 1 < len(steps) and steps[i + 1].startswith(closing)}
 
 
 def main(argv=None):
     paths = (argv if argv is not None else sys.argv[1:]) or sys.exit(__doc__)
     for path in paths:
         rows = [json.loads(line) for line in open(path)]
-        total = dict.fromkeys(("steps",) + CHECKS + ("reached", "closed"), 0)
+        total = dict.fromkeys(("steps",) + CHECKS + ("reached", "right_there", "closed"), 0)
         for r in rows:
             counts = check_answer(r["question"], r["output"]) | answer_end(r["question"], r["output"])
             for k, v in counts.items():
@@ -69,7 +74,8 @@ def main(argv=None):
         right = sum(bool(r["correct"]) for r in rows)
         shares = ", ".join(f"{k} {total[k] / max(total['steps'], 1):.1%}" for k in CHECKS)
         print(f"{path}: {right}/{len(rows)} answers right; {total['steps']} steps in the task's form, right on: {shares}; "
-              f"{total['reached']} answers reach the last turn, {total['closed']} then close")
+              f"{total['reached']} answers reach the last turn, {total['right_there']} on the right value, "
+              f"{total['closed']} then close")
 
 
 if __name__ == "__main__":

@@ -167,10 +167,13 @@ def test_turn_steps_diagnosis():
     turns = len(p.thoughts) - 1
     counts = turn_steps.check_answer(p.question, p.solution)
     assert counts == dict.fromkeys(("steps",) + turn_steps.CHECKS, turns)
-    assert turn_steps.answer_end(p.question, p.solution) == {"reached": True, "closed": True}
+    assert turn_steps.answer_end(p.question, p.solution) == dict(reached=True, right_there=True, closed=True)
     on = p.thoughts[:-1] + [p.thoughts[-2].replace(f"Turn {turns:03d} ", f"Turn {turns + 1:03d} ")]
-    assert turn_steps.answer_end(p.question, "\n\n".join(on)) == {"reached": True, "closed": False}
-    assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == {"reached": False, "closed": False}
+    assert turn_steps.answer_end(p.question, "\n\n".join(on)) == dict(reached=True, right_there=True, closed=False)
+    off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
+    assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
+    assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == dict.fromkeys(
+        ("reached", "right_there", "closed"), False)
     steps = list(p.thoughts)
     a, b = p.counts[4], (p.counts[4] + 1) % 100
     steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # turn 5 starts from a wrong value
