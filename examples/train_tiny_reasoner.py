@@ -26,6 +26,11 @@ Then compare them on the held-out problems::
 
     python -m mlx_memosight.bench --model mlx_memosight/demo_model \\
         --plain-model OUT/plain --data OUT/heldout.jsonl --max-tokens 400
+
+Ctrl-C stops the training and writes each model as trained so far to
+``OUT/memosight-partial`` and ``OUT/plain-partial`` (never over a finished
+model); the trainer's adapters stay in ``OUT/.KIND-checkpoints``; the exit
+status is 130.
 """
 
 import argparse
@@ -97,9 +102,9 @@ def build_parser():
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
     p.add_argument("--short-share", type=float, default=0.88,
-                   help="--task turns: share of training problems that start %d-%d turns before their last (the "
-                   "rest run all %d-%d turns, as the held-out ones); short problems teach the steps at a fraction "
-                   "of the cost" % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
+                   help="--task turns: share of training problems of %d-%d turns (the rest have %d-%d, as the "
+                   "held-out ones); short problems teach the steps at a fraction of the cost"
+                   % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
     p.add_argument("--max-position", type=int, default=None,
                    help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -218,6 +223,21 @@ def fresh_model(tokenizer, args):
     return model, config
 
 
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (after writing what it had)
+
+
+class Progress:
+    """Training callback: the last step whose loss was reported."""
+
+    step = 0
+
+    def on_train_loss_report(self, info):
+        self.step = info["iteration"]
+
+    def on_val_loss_report(self, info):
+        pass
+
+
 def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
     from transformers import AutoTokenizer
 
@@ -262,18 +282,33 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
         steps_per_report=max(1, args.iters // 20), steps_per_eval=args.iters, save_every=10 ** 9,
         max_seq_length=max(4096, longest), seed=args.seed,
     )
-    report = train(model, tokenizer, train_set, valid_set, options,
-                   adapter_path=out / f".{kind}-checkpoints")
-    shutil.rmtree(out / f".{kind}-checkpoints", ignore_errors=True)
-    clock.done(f"{kind} model trained ({args.iters} steps of {args.batch_size}; final train loss "
-               f"{report.train_losses[-1][1]:.3f}, valid loss {report.val_losses[-1][1]:.3f})")
+    checkpoints = out / f".{kind}-checkpoints"
+    progress = Progress()
+    try:
+        report = train(model, tokenizer, train_set, valid_set, options, adapter_path=checkpoints,
+                       callback=progress)
+    except KeyboardInterrupt:
+        # train() saved the adapters (kept in checkpoints); the weights in memory are theirs
+        interrupted = True
+        clock.done(f"{kind}: interrupted after step {progress.step} of {args.iters} (last reported); "
+                   f"writing the model trained so far")
+    else:
+        interrupted = False
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        clock.done(f"{kind} model trained ({args.iters} steps of {args.batch_size}; final train loss "
+                   f"{report.train_losses[-1][1]:.3f}, valid loss {report.val_losses[-1][1]:.3f})")
     dtype = getattr(mx, args.dtype)
     model.set_dtype(dtype)
     hf_config["torch_dtype"] = args.dtype
     path = Path(args.demo_dir) if not plain else out / "plain"
+    if interrupted:  # never in place of a finished model (the packaged demo model included)
+        path = out / f"{kind}-partial"
     save_model(path, model, tokenizer, hf_config, None if plain else cfg, force=True)
     size = sum(f.stat().st_size for f in path.iterdir())
-    print(f"{kind}: wrote {path} ({size / 1e6:.2f} MB)", flush=True)
+    print(f"{kind}: wrote {path} ({size / 1e6:.2f} MB)"
+          + (f", trained for {progress.step} of {args.iters} steps only" if interrupted else ""), flush=True)
+    if interrupted:
+        sys.exit(INTERRUPTED)
     return path
 
 
@@ -290,8 +325,16 @@ def run_parallel(kinds, argv, out: Path, clock: Clock):
         )
     print(f"training {' and '.join(kinds)} side by side; logs in {out / 'logs'}", flush=True)
     failed = []
+    interrupted = False
     for kind, proc in procs.items():
-        if proc.wait():
+        while True:
+            try:
+                status = proc.wait()
+                break
+            except KeyboardInterrupt:  # the children got it too: wait while they write their models
+                interrupted = True
+        interrupted |= status == INTERRUPTED
+        if status and status != INTERRUPTED:
             failed.append(kind)
         logs[kind].close()
         for line in (out / "logs" / f"{kind}.log").read_text().splitlines():
@@ -299,6 +342,10 @@ def run_parallel(kinds, argv, out: Path, clock: Clock):
                 print(line)
     if failed:
         sys.exit(f"training failed: {', '.join(failed)} (see {out / 'logs'})")
+    if interrupted:
+        print(f"interrupted: the models above were written as trained so far; adapters in {out}/.*-checkpoints",
+              flush=True)
+        sys.exit(INTERRUPTED)
     clock.done(f"{' and '.join(kinds)} models trained")
 
 
