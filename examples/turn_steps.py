@@ -4,13 +4,15 @@
 
 RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
 ``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
-steps are (``Turn 011 of 131: Mia moves it 7, so 95 + 7 = 2.``) it checks
-what the step had to get right: the turn after the previous step's, the
-number of turns and the name from the question, the value the previous step
-ended with (which, once that step is compressed, only its memory entries
-carry), and the addition. Prints the share of steps right on each, and how
-many answers reach the last turn, how many of those on the right value, and
-how many then close with the task's final step (``At turn 131 the dial shows \\boxed{..}.``).
+steps are (``011 turns to go: Mia moves it 7, so 95 + 7 = 2.``) it checks
+what the step had to get right: the count, one less than the previous step's
+(the question's number of turns for the first step), the name from the
+question, the value the previous step ended with (the count and the value
+are what, once that step is compressed, only its memory entries carry), and
+the addition. Prints the share of steps right on each, how many answers
+reach the last turn (``001 turns to go``), how many of those on the right
+value, and how many then close with the task's final step
+(``000 turns to go: the dial shows \\boxed{..}.``).
 """
 
 import json
@@ -19,54 +21,57 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_memosight.demo import TURN_QUESTION as QUESTION, TURN_STEP as STEP  # noqa: E402
+from mlx_memosight.demo import TURN_CLOSING as CLOSING, TURN_QUESTION as QUESTION, TURN_STEP as STEP  # noqa: E402
 
-CHECKS = ("turn", "total", "name", "carried", "addition")
+CHECKS = ("count", "name", "carried", "addition")
+ENDS = ("reached", "right_there", "closed")
+
+
+def _question(question: str):
+    q = QUESTION.search(question)
+    if q is None:
+        raise ValueError(f"not a question of the turns task: {question[:80]!r}")
+    return q[1], int(q[2]), int(q[3]), int(q[4])  # name, value, n, turns
 
 
 def check_answer(question: str, output: str) -> dict:
     """Counts of steps in the task's form and of those right on each check."""
-    q = QUESTION.search(question)
-    if q is None:
-        raise ValueError(f"not a question of the turns task: {question[:80]!r}")
-    name, value, turn, turns = q[1], int(q[2]), int(q[3]), int(q[5])
+    name, value, _, count = _question(question)
     counts = dict.fromkeys(("steps",) + CHECKS, 0)
     for text in output.split("\n\n"):
         m = STEP.fullmatch(text.strip())
         if m is None:
             continue
-        t, total, who, x, n, y = int(m[1]), int(m[2]), m[3], int(m[5]), int(m[6]), int(m[7])
+        c, who, x, n, y = int(m[1]), m[2], int(m[4]), int(m[5]), int(m[6])
         counts["steps"] += 1
-        counts["turn"] += t == turn + 1
-        counts["total"] += total == turns
+        counts["count"] += c == count
         counts["name"] += who == name
         counts["carried"] += x == value
         counts["addition"] += y == (x + n) % 100
-        turn, value = t, y
+        count, value = c - 1, y
     return counts
 
 
 def answer_end(question: str, output: str) -> dict:
-    """Whether the answer has a step of the last turn (``reached``), whether
-    the first such step ends on the right value (``right_there``), and whether
-    the closing step comes right after it (``closed``)."""
-    q = QUESTION.search(question)
-    value, first, n, turns = int(q[2]), int(q[3]), int(q[4]), int(q[5])
+    """Whether the answer has a step of the last turn (``001 turns to go``:
+    ``reached``), whether the first such step ends on the right value
+    (``right_there``), and whether the closing step comes right after it
+    (``closed``)."""
+    _, value, n, turns = _question(question)
     steps = [text.strip() for text in output.split("\n\n")]
-    last = [(i, m) for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == turns]
+    last = [(i, m) for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == 1]
     if not last:
-        return {"reached": False, "right_there": False, "closed": False}
+        return dict.fromkeys(ENDS, False)
     i, m = last[0]
-    closing = f"At turn {turns:03d} the dial shows \\boxed{{"
-    return {"reached": True, "right_there": int(m[7]) == (value + n * (turns - first)) % 100,
-            "closed": i + 1 < len(steps) and steps[i + 1].startswith(closing)}
+    return {"reached": True, "right_there": int(m[6]) == (value + n * turns) % 100,
+            "closed": i + 1 < len(steps) and steps[i + 1].startswith(CLOSING)}
 
 
 def main(argv=None):
     paths = (argv if argv is not None else sys.argv[1:]) or sys.exit(__doc__)
     for path in paths:
         rows = [json.loads(line) for line in open(path)]
-        total = dict.fromkeys(("steps",) + CHECKS + ("reached", "right_there", "closed"), 0)
+        total = dict.fromkeys(("steps",) + CHECKS + ENDS, 0)
         for r in rows:
             counts = check_answer(r["question"], r["output"]) | answer_end(r["question"], r["output"])
             for k, v in counts.items():

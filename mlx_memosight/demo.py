@@ -45,7 +45,7 @@ SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
 MIN_COUNT, MAX_COUNT = 10, 99
 MIN_TURNS, MAX_TURNS = 64, 240
-SHORT_STEPS = (6, 30)  # turns to go in the short problems the long-reasoning model also trains on
+SHORT_STEPS = (6, 30)  # turns of the short problems the long-reasoning model also trains on
 DIAL = 100  # the dial shows 0 .. 99
 TASKS = ("days", "turns")
 
@@ -121,37 +121,40 @@ def make_problem(rng: np.random.Generator) -> Problem:
 
 
 def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
-    """Draw one long problem: a dial turned forward from turn 0 to a turn
-    between ``MIN_TURNS`` and ``MAX_TURNS``. With ``steps_range`` (fewest,
-    most; both ends included) the problem starts that many turns before its
-    last instead, so its turn numbers are those of a long problem.
+    """Draw one long problem: a dial turned forward ``MIN_TURNS`` to
+    ``MAX_TURNS`` times (``steps_range``: fewest, most, both ends included,
+    instead), one step per turn.
 
-    The question names the last turn twice, the first time as every step
-    does (``at turn 118 of 134``, ``Turn 119 of 134: ...``): a step copies
-    it from the question as plain decoding copies it from the previous step,
-    which a compressed step no longer offers."""
+    Each step counts the turns still to go (``016 turns to go: Ben moves it
+    9, so 89 + 9 = 98.``), down to the closing ``000 turns to go: the dial
+    shows \\boxed{..}.``: a step needs from before it only the count and the
+    value the previous step ended with (what a compressed step's memory
+    entries carry), and the answer ends where the count reaches zero, read
+    off the step being written rather than found by comparing numbers."""
     name, pron = NAMES[rng.integers(len(NAMES))]
     value = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
-    turns = int(rng.integers(MIN_TURNS, MAX_TURNS + 1))
-    first = 0 if steps_range is None else turns - int(rng.integers(steps_range[0], steps_range[1] + 1))
-    counts = [(value + n * (t - first)) % DIAL for t in range(first, turns + 1)]
+    fewest, most = steps_range or (MIN_TURNS, MAX_TURNS)
+    turns = int(rng.integers(fewest, most + 1))
+    counts = [(value + n * t) % DIAL for t in range(turns + 1)]
     question = (
-        f"{name}'s dial shows {value} at turn {first:03d} of {turns:03d}. Every turn {pron} moves it {n} forward, "
-        f"and after {DIAL - 1} it goes on from 0. What does it show at turn {turns:03d}?"
+        f"{name}'s dial shows {value}. Every turn {pron} moves it {n} forward, and after {DIAL - 1} it goes "
+        f"on from 0. What does it show after {turns:03d} turns?"
     )
     thoughts = [
-        f"Turn {t:03d} of {turns:03d}: {name} moves it {n}, so {counts[i]} + {n} = {counts[i + 1]}."
-        for i, t in enumerate(range(first + 1, turns + 1))
+        f"{turns - t:03d} turns to go: {name} moves it {n}, so {counts[t]} + {n} = {counts[t + 1]}."
+        for t in range(turns)
     ]
-    thoughts.append(f"At turn {turns:03d} the dial shows \\boxed{{{counts[-1]}}}.")
+    thoughts.append(f"000 turns to go: the dial shows \\boxed{{{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
 
 # the forms make_turns_problem writes, for tools that read answers back
 TURN_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+) at turn (\d+)(?: of \d+)?\. Every turn (?:he|she) moves it (\d) forward.* at turn (\d+)\?")
-TURN_STEP = re.compile(r"Turn (\d+) of (\d+): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+    r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
+TURN_STEP = re.compile(r"(\d+) turns to go: (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN_CLOSING = "000 turns to go: the dial shows \\boxed{"
+
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}
 
@@ -171,8 +174,8 @@ def problems(split: str, n: int, seed: int = 0, task: str = "days", steps_range=
         seed: seeds the generator (each split draws from its own stream).
         task: ``days`` (the demo model's) or ``turns`` (long reasoning).
         steps_range: for ``turns``, draw short problems instead: the fewest
-            and most turns to go (``SHORT_STEPS`` for training), from a
-            stream of their own.
+            and most turns (``SHORT_STEPS`` for training), from a stream of
+            their own.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")

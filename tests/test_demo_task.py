@@ -89,35 +89,39 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 
 TURNS_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+) at turn (\d\d\d) of (?P<of>\d\d\d)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
-    r"goes on from 0\. What does it show at turn (\d\d\d)\?"
+    r"(\w+)'s dial shows (\d+)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
+    r"goes on from 0\. What does it show after (\d\d\d) turns\?"
 )
-TURN = re.compile(r"Turn (\d\d\d) of (\d\d\d): (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN = re.compile(r"(\d\d\d) turns to go: (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+
+
+def check_turns_problem(p):
+    """The question's form, every step's count and addition, the closing step; the number of turns."""
+    m = TURNS_QUESTION.fullmatch(p.question)
+    assert m, p.question
+    value, n, turns = int(m[2]), int(m[4]), int(m[5])
+    assert len(p.thoughts) == turns + 1
+    for t, step in enumerate(p.thoughts[:-1]):
+        s = TURN.fullmatch(step)
+        assert s, step
+        assert int(s[1]) == turns - t and s[2] == m[1] and int(s[3]) == int(s[5]) == n
+        assert int(s[4]) == value and int(s[6]) == (value + n) % 100
+        value = int(s[6])
+    assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
+    assert p.thoughts[-1] == f"000 turns to go: the dial shows \\boxed{{{value}}}."
+    assert p.thoughts[-1].startswith(demo.TURN_CLOSING)
+    assert split_steps(p.solution) == p.thoughts
+    assert score(p.solution, p.eval_item())
+    return turns
 
 
 def test_long_task_answers_and_steps_are_right():
-    """The long-reasoning task: one step per turn of a 100-position dial."""
+    """The long-reasoning task: one step per turn of a 100-position dial,
+    counting down the turns to go."""
     ps = demo.problems("heldout", 100, task="turns")
     assert ps != demo.problems("heldout", 100)
     assert all(demo.split_of(p.question) == "heldout" for p in ps)
-    turn_counts = []
-    for p in ps:
-        m = TURNS_QUESTION.fullmatch(p.question)
-        assert m, p.question
-        value, first, n, turns = int(m[2]), int(m[3]), int(m[6]), int(m[7])
-        assert first == 0 and int(m["of"]) == turns
-        turn_counts.append(turns)
-        assert len(p.thoughts) == turns + 1
-        for t, step in enumerate(p.thoughts[:-1], 1):
-            s = TURN.fullmatch(step)
-            assert s, step
-            assert int(s[1]) == t and int(s[2]) == turns and s[3] == m[1] and int(s[4]) == int(s[6]) == n
-            assert int(s[5]) == value and int(s[7]) == (value + n) % 100
-            value = int(s[7])
-        assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
-        assert p.thoughts[-1].startswith(f"At turn {turns:03d} ")
-        assert split_steps(p.solution) == p.thoughts
-        assert score(p.solution, p.eval_item())
+    turn_counts = [check_turns_problem(p) for p in ps]
     assert demo.MIN_TURNS <= min(turn_counts) < 100 and 200 < max(turn_counts) <= demo.MAX_TURNS
     with pytest.raises(ValueError, match="task must be one of days, turns"):
         demo.problems("heldout", 1, task="weeks")
@@ -131,22 +135,10 @@ def test_long_task_heldout_file(tmp_path):
 
 
 def test_short_turns_problems_for_training():
-    """Short problems start late in a long run: few steps, but turn numbers
-    drawn like the held-out problems' (not the leading zeros of short runs)."""
+    """Short problems: the same steps, fewer of them."""
     short = demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
-    firsts, lasts, steps = [], [], []
-    for p in short:
-        m = TURNS_QUESTION.fullmatch(p.question)
-        firsts.append(int(m[3]))
-        lasts.append(int(m[7]))
-        assert int(m["of"]) == lasts[-1]
-        steps.append(lasts[-1] - firsts[-1])
-        assert len(p.thoughts) == steps[-1] + 1
-        s = TURN.fullmatch(p.thoughts[0])
-        assert int(s[1]) == firsts[-1] + 1 and int(s[2]) == lasts[-1] and int(s[5]) == int(m[2])
-        assert p.answer == (int(m[2]) + steps[-1] * int(m[6])) % 100
-    assert min(steps) >= demo.SHORT_STEPS[0] and max(steps) <= demo.SHORT_STEPS[1]
-    assert min(lasts) >= demo.MIN_TURNS and max(lasts) <= demo.MAX_TURNS and max(lasts) >= 200
+    steps = [check_turns_problem(p) for p in short]
+    assert min(steps) >= demo.SHORT_STEPS[0] and max(steps) <= demo.SHORT_STEPS[1] and len(set(steps)) > 10
     assert short == demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
     with pytest.raises(ValueError, match="turns task only"):
         demo.problems("train", 1, steps_range=(8, 9))
@@ -156,8 +148,9 @@ def test_short_turns_problems_for_training():
 
 def test_turn_steps_diagnosis():
     """examples/turn_steps.py: every check holds on a true solution; a step
-    that took a wrong value and one that named the wrong total are counted
-    as such."""
+    that took a wrong value and one that wrote a wrong count are counted as
+    such; the end of an answer: reaching the last turn, on the right value,
+    closing."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("turn_steps", ROOT / "examples" / "turn_steps.py")
@@ -167,17 +160,18 @@ def test_turn_steps_diagnosis():
     turns = len(p.thoughts) - 1
     counts = turn_steps.check_answer(p.question, p.solution)
     assert counts == dict.fromkeys(("steps",) + turn_steps.CHECKS, turns)
-    assert turn_steps.answer_end(p.question, p.solution) == dict(reached=True, right_there=True, closed=True)
-    on = p.thoughts[:-1] + [p.thoughts[-2].replace(f"Turn {turns:03d} ", f"Turn {turns + 1:03d} ")]
+    steps = list(p.thoughts)
+    a, b = p.counts[4], (p.counts[4] + 1) % 100
+    steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # step 5 starts from a wrong value
+    steps[9] = steps[9].replace(f"{turns - 9:03d} turns", f"{turns - 8:03d} turns")  # and step 10 from a wrong count
+    counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
+    assert counts["carried"] == counts["addition"] == turns - 1  # step 5's sum is right for what it took
+    assert counts["count"] == turns - 2  # step 10, and step 11 after it
+    assert counts["name"] == counts["steps"] == turns
+    ends = ("reached", "right_there", "closed")
+    assert turn_steps.answer_end(p.question, p.solution) == dict.fromkeys(ends, True)
+    on = p.thoughts[:-1] + [p.thoughts[-2].replace("001 turns", "000 turns")]
     assert turn_steps.answer_end(p.question, "\n\n".join(on)) == dict(reached=True, right_there=True, closed=False)
     off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
     assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
-    assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == dict.fromkeys(
-        ("reached", "right_there", "closed"), False)
-    steps = list(p.thoughts)
-    a, b = p.counts[4], (p.counts[4] + 1) % 100
-    steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # turn 5 starts from a wrong value
-    steps[9] = steps[9].replace(f" of {turns:03d}:", f" of {turns + 1:03d}:")
-    counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
-    assert counts["carried"] == counts["addition"] == counts["total"] == turns - 1
-    assert counts["turn"] == counts["name"] == counts["steps"] == turns
+    assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == dict.fromkeys(ends, False)
