@@ -11,17 +11,16 @@ MemoSight's KV savings show. Counts and days have two digits, so every step
 has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
-same amount many times (64 to 240 turns, so answers of about 2,000 to 6,900
-tokens), one step per turn: ``Turn 011 of 131: Mia moves it 7, so 95 + 7 = 2.``.
-Each step needs only the question and the previous step's result, so once a
-step is compressed its memory tokens must carry the dial's value and the turn
-number; nothing else of the past is needed, which is the situation MemoSight
-is built for. The step repeats the number of turns, so whether it is the last
-one is read off the step itself. The question names the turn the dial is at
-(``at turn 000`` for the held-out problems): the short problems a model also
-trains on start late in a long run (``at turn 117 ... at turn 131``), so their
-turn numbers are drawn like the long problems' and a model learns to copy
-three-digit turns, not the leading zeros of short runs.
+same amount many times (64 to 240 turns, so answers of about 1,600 to 6,000
+tokens), one step per turn, counting the turns still to go:
+``011 turns to go: Mia moves it 7, so 95 + 7 = 2.``, down to
+``000 turns to go: the dial shows \\boxed{9}.``. Each step needs only the
+question and the previous step's count and value, so once a step is
+compressed its memory tokens must carry them; nothing else of the past is
+needed, which is the situation MemoSight is built for. The answer ends at the
+step whose count is zero: nothing has to be compared or copied from far back
+to know where to stop (the form before counted up, ``Turn 011 of 131``, and
+models trained on it did not learn to stop).
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
