@@ -17,8 +17,11 @@ def test_interrupted_run_writes_the_models_trained_so_far(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "train_tiny_reasoner.py"), "--out", str(out),
            "--demo-dir", str(finished), "--train-examples", "400", "--heldout", "2", "--hidden-size", "32",
            "--intermediate-size", "64", "--layers", "1"]
-    log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "log", "w") as log:
+        # SIGINT as in a terminal, even where the test runs in the background (where it is ignored,
+        # and a Python program that inherits that ignores Ctrl-C)
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
