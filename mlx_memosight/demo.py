@@ -144,7 +144,7 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
         f"{turns - t:03d} turns to go: {name} moves it {n}, so {counts[t]} + {n} = {counts[t + 1]}."
         for t in range(turns)
     ]
-    thoughts.append(f"000 turns to go: the dial shows \\boxed{{{counts[-1]}}}.")
+    thoughts.append(f"{TURN_CLOSING}{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
 
