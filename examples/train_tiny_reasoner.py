@@ -165,7 +165,18 @@ def write_data(out: Path, args):
     texts = []
     for p, q in zip(train_p, train_q):
         texts += [TEMPLATES["plain"].render(q), p.solution]
-    return len(train_p), len(valid_p), texts
+    return len(train_p), len(valid_p), texts, held
+
+
+def answer_lengths(tok_dir: Path, held) -> str:
+    """The length of the held-out problems' reference answers in the
+    tokenizer's tokens: what a model has to write to answer them."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    n = np.array([len(tokenizer.encode(p.solution, add_special_tokens=False)) for p in held])
+    return f"{n.min():,} to {n.max():,} tokens (median {int(np.median(n)):,}) over {len(n)} problems"
 
 
 def questions(ps, bare_share: float):
@@ -361,10 +372,12 @@ def main(argv=None):
     if args.model_only:
         build(args.only, out / "tokenizer", args, out, clock)
         return
-    n_train, n_valid, texts = write_data(out, args)
+    n_train, n_valid, texts, held = write_data(out, args)
     clock.done(f"data: {n_train} train, {n_valid} valid, {args.heldout} held-out problems")
     tok_dir = train_tokenizer(texts, out / "tokenizer", args.vocab_size)
     clock.done(f"tokenizer: {tok_dir}")
+    if held:
+        print(f"held-out reference answers: {answer_lengths(tok_dir, held)}", flush=True)
     kinds = [k for k in ("memosight", "plain") if args.only in (None, k)]
     if args.jobs > 1 and len(kinds) > 1:
         run_parallel(kinds, argv, out, clock)

@@ -1091,3 +1091,46 @@ class _State:
     position: int
     step: StepState
     drafts: Optional[List[int]] = field(default_factory=list)
+
+
+def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
+                        warmup: int = 2) -> dict:
+    """Median seconds of a decoding pass of each size in ``sizes`` as this
+    engine runs it: one compiled function over the cache's buffers where it
+    compiles passes (:meth:`Engine._call_compiled`), else mlx-lm's model call
+    built op by op (:func:`mlx_memosight.backend.pass_costs`), over a cache
+    of ``cached`` entries, logits at every token of the pass (as in a
+    verification pass); the sizes interleaved, ``warmup`` untimed rounds
+    first. A compiled pass skips the host work of building its graph, which
+    an op-by-op pass pays once per pass whatever its size: timing the other
+    path would make tokens of a pass look cheaper than they are here. Kept on
+    the model, each (cache, size) measured once per loaded model."""
+    from .backend import pass_costs
+
+    if kernels.kernels_available() or cached < 1:
+        return pass_costs(model, sizes, cached=cached, rounds=rounds, warmup=warmup)
+    memo = model.__dict__.setdefault("_memosight_decoding_pass_costs", {})
+    todo = [T for T in sizes if (cached, T) not in memo]
+    if todo:
+        engine = Engine(model, None)
+        vocab = model.args.vocab_size
+        seq = engine.start([i % vocab for i in range(cached)], 1)
+        cache = seq.cache
+        start = cache.length
+        passes = {}
+        for T in todo:
+            slots = np.arange(start, start + T)
+            passes[T] = (mx.array([(7 * i + 3) % vocab for i in range(T)], mx.int32), slots, np.arange(T))
+        times = {T: [] for T in todo}
+        for r in range(warmup + rounds):
+            for T in todo:
+                x, slots, rows = passes[T]
+                tic = time.perf_counter()
+                logits = engine._call_compiled(seq, x, slots, slots, slots, None, rows)
+                mx.eval(logits, cache.state_arrays())
+                if r >= warmup:
+                    times[T].append(time.perf_counter() - tic)
+                cache.trim(T)
+        for T, v in times.items():
+            memo[cached, T] = float(np.median(v))  # resists the odd slow pass
+    return {T: memo[cached, T] for T in sizes}

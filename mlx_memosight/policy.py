@@ -47,6 +47,10 @@ LAYOUTS = ("all", "last")
 # take well under a second); larger ones use the default until measured by
 # bench or examples/pass_cost.py --save.
 MEASURE_UP_TO = 50_000_000
+# How calibrate() times passes; part of the cache file's keys, so that a
+# figure timed another way (model calls built op by op, before the engine
+# compiled its passes) is measured again rather than reused.
+MEASURED_ON = "engine decoding passes"
 
 
 def parameter_count(model) -> int:
@@ -72,7 +76,7 @@ def model_key(model) -> str:
     from mlx.utils import tree_flatten
 
     shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(model.parameters())]
-    text = json.dumps([shapes, describe(), mx.__version__], sort_keys=True)
+    text = json.dumps([shapes, describe(), mx.__version__, MEASURED_ON], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -141,15 +145,16 @@ def _read_table() -> dict:
 
 def calibrate(model, sizes=(1, 9), force: bool = False) -> PassCost:
     """Measure ``per_token`` for this model here (median passes of 1 and 9
-    tokens) and keep it in the per-user cache file; a measurement already
-    there is kept unless ``force``."""
-    from .backend import pass_costs
+    tokens, as the engine runs them: :func:`mlx_memosight.engine.decoding_pass_costs`)
+    and keep it in the per-user cache file; a measurement already there is
+    kept unless ``force``."""
+    from .engine import decoding_pass_costs
 
     path = _cache_file()
     table = _read_table()
     key = model_key(model)
     if not _valid(table.get(key)) or force:
-        costs = pass_costs(model, list(sizes))
+        costs = decoding_pass_costs(model, list(sizes))
         lo, hi = sizes
         table[key] = round(max(0.0, (costs[hi] / costs[lo] - 1) / (hi - lo)), 4)
         try:

@@ -61,3 +61,27 @@ def test_an_unwritable_cache_costs_only_the_measurement(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where a folder should be
     model, _ = mlx_model("qwen2", 300, seed=3)
     assert policy.PassCost.for_model(model).source.startswith("measured")
+
+
+def test_calibration_times_the_passes_the_engine_runs(cache_dir, monkeypatch):
+    """Decoding passes run compiled (kernels aside): that path is timed, with
+    logits at every token of the pass, not mlx-lm's model call built op by op."""
+    from mlx_memosight import backend, engine
+
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    fed = []
+    real = engine.Engine._call_compiled
+
+    def spy(self, seq, x, positions, *rest):
+        start = seq.cache.length
+        out = real(self, seq, x, positions, *rest)
+        fed.append((start, len(positions), len(rest[-1]), out is not None))
+        return out
+
+    monkeypatch.setattr(engine.Engine, "_call_compiled", spy)
+    monkeypatch.setattr(backend, "pass_costs", lambda *a, **kw: pytest.fail("op-by-op model call timed"))
+    cost = policy.calibrate(model)
+    assert 0 <= cost.per_token < 10
+    # after the prompt's prefill: interleaved rounds (2 untimed) of a 1- and a 9-token pass over the
+    # same 64 entries, each compiled
+    assert fed[-18:] == [(64, 1, 1, True), (64, 9, 9, True)] * 9

@@ -8,6 +8,7 @@ import sys
 import time
 
 from conftest import ROOT
+from mlx_memosight import demo
 from mlx_memosight.loading import load
 
 
@@ -43,3 +44,9 @@ def test_interrupted_run_writes_the_models_trained_so_far(tmp_path):
         model, _ = load(out / f"{kind}-partial")
         assert (model.memosight_config is None) == (kind == "plain")
     assert "interrupted: the models above were written as trained so far" in text
+    # the held-out answers' lengths, as the run's tokenizer counts them
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    n = sorted(len(tokenizer.encode(p.solution, add_special_tokens=False)) for p in demo.problems("heldout", 2, 0))
+    assert f"held-out reference answers: {n[0]:,} to {n[1]:,} tokens" in text
