@@ -7,6 +7,9 @@ bfloat16, hub-style shards):
 
 * convert: wall time and peak RSS of ``mlx_memosight.convert`` and
   ``mlx_lm.convert``, each in its own process;
+* quantize: the same for a quantised conversion (``-q``, 4-bit by
+  default), then this project's output loaded by mlx-lm's own ``load`` and
+  by this project, each decoding a few greedy tokens (the same tokens);
 * decode: tokens/s of mlx-lm's greedy decoding and of this engine in plain
   mode (no drafting, no compression: the same work), for float32, float16,
   bfloat16 and 4-bit weights, interleaved;
@@ -81,6 +84,60 @@ def bench_convert(work: Path, ckpt: Path):
         log(f"{name:<24}{wall:>8.1f}{cpu:>8.1f}{rss / 1e9:>13.2f}{rss / largest:>10.2f}x")
     log(f"time ratio (ours / mlx_lm): {rows[0][1] / rows[1][1]:.2f}; largest shard {largest / 1e9:.2f} GB")
     return work / "ms"
+
+
+def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int):
+    """Quantised conversions by both tools (wall time, peak RSS), then this
+    project's output loaded by mlx-lm (its own ``load``, no MemoSight code)
+    and by this project, each decoding ``tokens`` greedy tokens from one
+    prompt."""
+    import shutil
+
+    largest = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    q = ["-q", "--q-bits", str(bits), "--q-group-size", str(group)]
+    rows = []
+    for name, cmd, out in (
+            ("mlx_memosight.convert -q", [sys.executable, "-m", "mlx_memosight.convert", ckpt, "-o",
+                                          work / f"ms-q{bits}", *q], work / f"ms-q{bits}"),
+            ("mlx_lm.convert -q", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", ckpt, "--mlx-path",
+                                   work / f"lm-q{bits}", *q], work / f"lm-q{bits}")):
+        shutil.rmtree(out, ignore_errors=True)
+        wall, cpu, rss = run([str(c) for c in cmd], work / f"{name.split()[0]}-q{bits}.log")
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        rows.append((name, wall, cpu, rss, size))
+    log(f"{bits}-bit conversion (group {group}) of the bfloat16 checkpoint")
+    log(f"{'tool':<26}{'wall s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'RSS/shard':>11}{'output GB':>11}")
+    for name, wall, cpu, rss, size in rows:
+        log(f"{name:<26}{wall:>8.1f}{cpu:>8.1f}{rss / 1e9:>13.2f}{rss / largest:>10.2f}x{size / 1e9:>11.2f}")
+    log(f"time ratio (ours / mlx_lm): {rows[0][1] / rows[1][1]:.2f}; largest shard {largest / 1e9:.2f} GB")
+
+    import mlx.core as mx
+    from mlx_lm import load as lm_load
+
+    from mlx_memosight.loading import load
+
+    path = work / f"ms-q{bits}"
+    prompt = [(7 * i + 11) % 1000 + 100 for i in range(16)]
+    decoded = {}
+    for who in ("mlx_lm.load", "mlx_memosight"):
+        tic = time.perf_counter()
+        model = lm_load(str(path))[0] if who == "mlx_lm.load" else load(path)[0]
+        loaded = time.perf_counter() - tic
+        tic = time.perf_counter()
+        if who == "mlx_lm.load":
+            from mlx_lm.generate import generate_step
+
+            out = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=tokens)]
+        else:
+            from mlx_memosight.engine import Engine
+
+            out = [e.token for e in Engine(model, None).generate(prompt, tokens)]
+        decoded[who] = out
+        log(f"{path.name} in {who}: loaded in {loaded:.1f} s, {len(out)} greedy tokens in "
+            f"{time.perf_counter() - tic:.1f} s: {out}")
+        del model
+    same = decoded["mlx_lm.load"] == decoded["mlx_memosight"]
+    log(f"the same tokens from both: {'yes' if same else 'NO'}")
 
 
 def variants(work: Path, mlx_dir: Path, dtypes):
@@ -296,7 +353,11 @@ def main():
     p.add_argument("--prefill-layers", type=int, help="depth for the prefill section (default: --layers)")
     p.add_argument("--work", default=None, help="folder for the checkpoint and conversions")
     p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--sections", default="convert,decode,prefill,passes")
+    p.add_argument("--sections", default="convert,decode,prefill,passes",
+                   help="any of convert, quantize, decode, prefill, passes, train")
+    p.add_argument("--q-bits", type=int, default=4, help="bits of the quantize section")
+    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--q-tokens", type=int, default=2, help="tokens the quantized model decodes")
     p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=4096)
@@ -316,6 +377,8 @@ def main():
     ckpt = checkpoint(work, args.shape, args.layers, args.max_shard_size)
     if "convert" in sections:
         bench_convert(work, ckpt)
+    if "quantize" in sections:
+        bench_quantized(work, ckpt, args.q_bits, args.q_group_size, args.q_tokens)
     paths = variants(work, ckpt, args.dtypes.split(",")) if {"decode", "passes"} & set(sections) else {}
     if "decode" in sections:
         bench_decode(paths, args.decode_tokens, args.repeats, note)
