@@ -86,11 +86,11 @@ def bench_convert(work: Path, ckpt: Path):
     return work / "ms"
 
 
-def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int):
+def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int, prompt_tokens: int = 16):
     """Quantised conversions by both tools (wall time, peak RSS), then this
     project's output loaded by mlx-lm (its own ``load``, no MemoSight code)
     and by this project, each decoding ``tokens`` greedy tokens from one
-    prompt."""
+    prompt of ``prompt_tokens`` tokens."""
     import shutil
 
     largest = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -117,7 +117,7 @@ def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int):
     from mlx_memosight.loading import load
 
     path = work / f"ms-q{bits}"
-    prompt = [(7 * i + 11) % 1000 + 100 for i in range(16)]
+    prompt = [(7 * i + 11) % 1000 + 100 for i in range(prompt_tokens)]
     decoded = {}
     for who in ("mlx_lm.load", "mlx_memosight"):
         tic = time.perf_counter()
@@ -133,7 +133,7 @@ def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int):
 
             out = [e.token for e in Engine(model, None).generate(prompt, tokens)]
         decoded[who] = out
-        log(f"{path.name} in {who}: loaded in {loaded:.1f} s, {len(out)} greedy tokens in "
+        log(f"{path.name} in {who}: loaded in {loaded:.1f} s, {len(out)} greedy tokens after {len(prompt)} in "
             f"{time.perf_counter() - tic:.1f} s: {out}")
         del model
     same = decoded["mlx_lm.load"] == decoded["mlx_memosight"]
@@ -358,6 +358,7 @@ def main():
     p.add_argument("--q-bits", type=int, default=4, help="bits of the quantize section")
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--q-tokens", type=int, default=2, help="tokens the quantized model decodes")
+    p.add_argument("--q-prompt-tokens", type=int, default=16, help="the prompt it decodes them after")
     p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=4096)
@@ -378,7 +379,7 @@ def main():
     if "convert" in sections:
         bench_convert(work, ckpt)
     if "quantize" in sections:
-        bench_quantized(work, ckpt, args.q_bits, args.q_group_size, args.q_tokens)
+        bench_quantized(work, ckpt, args.q_bits, args.q_group_size, args.q_tokens, args.q_prompt_tokens)
     paths = variants(work, ckpt, args.dtypes.split(",")) if {"decode", "passes"} & set(sections) else {}
     if "decode" in sections:
         bench_decode(paths, args.decode_tokens, args.repeats, note)
