@@ -111,6 +111,8 @@ def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int, 
         log(f"{name:<26}{wall:>8.1f}{cpu:>8.1f}{rss / 1e9:>13.2f}{rss / largest:>10.2f}x{size / 1e9:>11.2f}")
     log(f"time ratio (ours / mlx_lm): {rows[0][1] / rows[1][1]:.2f}; largest shard {largest / 1e9:.2f} GB")
 
+    if tokens < 1:
+        return
     import mlx.core as mx
     from mlx_lm import load as lm_load
 
@@ -357,7 +359,7 @@ def main():
                    help="any of convert, quantize, decode, prefill, passes, train")
     p.add_argument("--q-bits", type=int, default=4, help="bits of the quantize section")
     p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--q-tokens", type=int, default=2, help="tokens the quantized model decodes")
+    p.add_argument("--q-tokens", type=int, default=2, help="tokens the quantized model decodes (0: none)")
     p.add_argument("--q-prompt-tokens", type=int, default=16, help="the prompt it decodes them after")
     p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit")
     p.add_argument("--decode-tokens", type=int, default=16)

@@ -137,6 +137,19 @@ def _check_finite(wf, job: TensorJob, x: mx.array, arrays: List[mx.array]):
             raise ConvertError(f"{wf.path}: tensor {job.name} holds NaN or infinite values{where}")
 
 
+_STREAMS: Dict[str, list] = {}
+
+
+def _conversion_streams() -> list:
+    """The streams tensors are converted on: two on a CPU, one on a GPU;
+    made once per process and device (each CPU stream is a thread)."""
+    device = mx.default_device()
+    key = str(device)
+    if key not in _STREAMS:
+        _STREAMS[key] = [mx.new_stream(device) for _ in range(2 if device == mx.cpu else 1)]
+    return _STREAMS[key]
+
+
 def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                   progress: bool = True) -> List[str]:
     """Stream the checkpoint's tensors into ``model*.safetensors`` files and
@@ -157,25 +170,54 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
     bar = tqdm(total=len(plan.jobs), unit="tensor", desc="converting", disable=not progress,
                file=sys.stderr)
     current, writer = None, None
+
+    def finish(stream, wf, job, x, arrays):
+        # on the tensor's own stream: the few ops of checking and writing it
+        # (bit views) would otherwise wait behind the next tensor's conversion
+        nonlocal current, writer
+        with mx.stream(stream):
+            _check_finite(wf, job, x, arrays)
+            for name, a in zip(job.outputs, arrays):
+                if owner[name] != current:
+                    if writer is not None:
+                        writer.close()
+                    current = owner[name]
+                    writer = SafetensorsWriter(out / names[current], shards[current], {"format": "mlx"})
+                writer.write(name, a)
+
+    # One tensor ahead: while a tensor is checked and written (numpy and file
+    # writes, which leave the interpreter lock), the next one is already being
+    # read and converted, on the other of two CPU streams (MLX runs each
+    # stream on a thread of its own), so that two conversions (quantisation
+    # is most of the work) can run at once. Neither is the default stream,
+    # where the checkpoint's lazy loads run: a load would wait behind a
+    # conversion there. Memory holds two tensors at most.
+    streams = _conversion_streams()
+    ahead = None
     try:
+        k = 0
         for wf in ckpt.files:
             jobs = by_file.get(id(wf), [])
             for job, (_, x) in zip(jobs, wf.arrays([j.name for j in jobs])):
-                arrays = _convert_tensor(job, x)
-                _check_finite(wf, job, x, arrays)
-                for name, a in zip(job.outputs, arrays):
-                    if owner[name] != current:
-                        if writer is not None:
-                            writer.close()
-                        current = owner[name]
-                        writer = SafetensorsWriter(out / names[current], shards[current],
-                                                   {"format": "mlx"})
-                    writer.write(name, a)
+                stream = streams[k % len(streams)]
+                k += 1
+                with mx.stream(stream):
+                    arrays = _convert_tensor(job, x)
+                    mx.async_eval([x] + arrays)
+                if ahead is not None:
+                    finish(*ahead)
+                    ahead = None
+                    release_stream_cache()
+                    bar.update()
+                ahead = (stream, wf, job, x, arrays)
                 del arrays, x
-                release_stream_cache()
-                bar.update()
+        if ahead is not None:
+            finish(*ahead)
+            ahead = None
+            bar.update()
         writer.close()
     finally:
+        ahead = None
         mx.clear_cache()
         bar.close()
         if writer is not None and not writer.file.closed:
