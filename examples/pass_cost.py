@@ -11,7 +11,11 @@ This times mlx-lm's own model call over a KV cache of ``--cache`` entries for
 each pass size, interleaved, and prints the median cost relative to a 1-token
 pass. Default model: the packaged demo model. ``--save`` also measures the cost
 of a pass token for the drafting policy (passes of 1 and 9 tokens) and keeps it
-in the per-user cache that ``generate`` reads (``mlx_memosight.policy``).
+in the per-user cache that ``generate`` reads (``mlx_memosight.policy``); that
+figure is timed on the engine's decoding passes (one compiled function each
+where the engine compiles them), so it can differ from the table's, whose
+op-by-op model calls carry a fixed host cost that makes extra tokens look
+cheaper.
 """
 
 import argparse

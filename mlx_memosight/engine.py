@@ -1107,7 +1107,11 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
     the model, each (cache, size) measured once per loaded model."""
     from .backend import pass_costs
 
-    if kernels.kernels_available() or cached < 1:
+    context = getattr(model.args, "max_position_embeddings", None) or float("inf")
+    if (not Engine.compiled or kernels.kernels_available() or cached < 1 or max(sizes) > COMPILED_MAX_TOKENS
+            or cached + max(sizes) >= context):
+        # the engine builds these passes op by op (or the model's context is too short to time them
+        # this way): mlx-lm's model call is the same work
         return pass_costs(model, sizes, cached=cached, rounds=rounds, warmup=warmup)
     memo = model.__dict__.setdefault("_memosight_decoding_pass_costs", {})
     todo = [T for T in sizes if (cached, T) not in memo]
@@ -1127,6 +1131,8 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
                 x, slots, rows = passes[T]
                 tic = time.perf_counter()
                 logits = engine._call_compiled(seq, x, slots, slots, slots, None, rows)
+                if logits is None:
+                    raise RuntimeError(f"a {T}-token pass over {start} entries did not run compiled")
                 mx.eval(logits, cache.state_arrays())
                 if r >= warmup:
                     times[T].append(time.perf_counter() - tic)
