@@ -74,25 +74,27 @@ def time_tools(work: Path, tools, repeats: int):
     seconds, and the largest peak RSS of its runs."""
     import shutil
 
-    best = {}
+    runs = {name: [] for name, _, _ in tools}
     for r in range(repeats):
         for name, cmd, out in (tools if r % 2 == 0 else tools[::-1]):
             shutil.rmtree(out, ignore_errors=True)
-            wall, cpu, rss = run([str(c) for c in cmd], work / f"{name.replace(' ', '')}.log")
-            old = best.get(name)
-            if old is None or wall < old[0]:
-                best[name] = (wall, cpu, max(rss, old[2]) if old else rss)
-            else:
-                best[name] = (old[0], old[1], max(rss, old[2]))
-    return [(name, *best[name]) for name, _, _ in tools]
+            runs[name].append(run([str(c) for c in cmd], work / f"{name.replace(' ', '')}.log"))
+    return [(name, *min(v)[:2], max(rss for _, _, rss in v)) for name, v in runs.items()]
+
+
+def conversion_tools(work: Path, ckpt: Path, suffix: str = "", options=()):
+    """``(name, command, output folder)`` of this project's converter and of
+    ``mlx_lm.convert``, each given ``options``."""
+    flag = " -q" if "-q" in options else ""
+    return [(f"mlx_memosight.convert{flag}", [sys.executable, "-m", "mlx_memosight.convert", ckpt, "-o",
+                                              work / f"ms{suffix}", *options], work / f"ms{suffix}"),
+            (f"mlx_lm.convert{flag}", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", ckpt, "--mlx-path",
+                                       work / f"lm{suffix}", *options], work / f"lm{suffix}")]
 
 
 def bench_convert(work: Path, ckpt: Path, repeats: int = 2):
     largest = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    rows = time_tools(work, [
-        ("mlx_memosight.convert", [sys.executable, "-m", "mlx_memosight.convert", ckpt, "-o", work / "ms"], work / "ms"),
-        ("mlx_lm.convert", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", ckpt, "--mlx-path", work / "lm"],
-         work / "lm")], repeats)
+    rows = time_tools(work, conversion_tools(work, ckpt), repeats)
     log(f"bfloat16 conversion, fastest of {repeats} runs each (the order alternating)")
     log(f"{'tool':<24}{'wall s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'RSS/shard':>11}")
     for name, wall, cpu, rss in rows:
@@ -110,11 +112,7 @@ def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int, 
     prompt of ``prompt_tokens`` tokens."""
 
     largest = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    q = ["-q", "--q-bits", str(bits), "--q-group-size", str(group)]
-    tools = [("mlx_memosight.convert -q", [sys.executable, "-m", "mlx_memosight.convert", ckpt, "-o",
-                                           work / f"ms-q{bits}", *q], work / f"ms-q{bits}"),
-             ("mlx_lm.convert -q", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", ckpt, "--mlx-path",
-                                    work / f"lm-q{bits}", *q], work / f"lm-q{bits}")]
+    tools = conversion_tools(work, ckpt, f"-q{bits}", ["-q", "--q-bits", str(bits), "--q-group-size", str(group)])
     rows = [(*row, sum(f.stat().st_size for f in out.glob("*.safetensors")))
             for row, (_, _, out) in zip(time_tools(work, tools, repeats), tools)]
     log(f"{bits}-bit conversion (group {group}) of the bfloat16 checkpoint, fastest of {repeats} runs each")

@@ -2,6 +2,7 @@
 files whose headers are known from the plan, so memory stays near the
 largest tensor rather than the largest shard."""
 
+import itertools
 import json
 import shutil
 import struct
@@ -184,6 +185,8 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
                     current = owner[name]
                     writer = SafetensorsWriter(out / names[current], shards[current], {"format": "mlx"})
                 writer.write(name, a)
+        release_stream_cache()
+        bar.update()
 
     # One tensor ahead: while a tensor is checked and written (numpy and file
     # writes, which leave the interpreter lock), the next one is already being
@@ -192,29 +195,22 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
     # is most of the work) can run at once. Neither is the default stream,
     # where the checkpoint's lazy loads run: a load would wait behind a
     # conversion there. Memory holds two tensors at most.
-    streams = _conversion_streams()
+    streams = itertools.cycle(_conversion_streams())
     ahead = None
     try:
-        k = 0
         for wf in ckpt.files:
             jobs = by_file.get(id(wf), [])
             for job, (_, x) in zip(jobs, wf.arrays([j.name for j in jobs])):
-                stream = streams[k % len(streams)]
-                k += 1
+                stream = next(streams)
                 with mx.stream(stream):
                     arrays = _convert_tensor(job, x)
                     mx.async_eval([x] + arrays)
                 if ahead is not None:
                     finish(*ahead)
-                    ahead = None
-                    release_stream_cache()
-                    bar.update()
                 ahead = (stream, wf, job, x, arrays)
                 del arrays, x
         if ahead is not None:
             finish(*ahead)
-            ahead = None
-            bar.update()
         writer.close()
     finally:
         ahead = None
