@@ -4,15 +4,15 @@
 
 RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
 ``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
-steps are (``011 turns to go: Mia moves it 7, so 95 + 7 = 2.``) it checks
+steps are (``11 turns to go: it moves 7, so 95 + 7 = 2.``) it checks
 what the step had to get right: the count, one less than the previous step's
-(the question's number of turns for the first step), the name from the
+(the question's number of turns for the first step), the amount from the
 question, the value the previous step ended with (the count and the value
 are what, once that step is compressed, only its memory entries carry), and
 the addition. Prints the share of steps right on each, how many answers
-reach the last turn (``001 turns to go``), how many of those on the right
+reach the last turn (``1 turns to go``), how many of those on the right
 value, and how many then close with the task's final step
-(``000 turns to go: the dial shows \\boxed{..}.``).
+(``0 turns to go: the dial shows \\boxed{..}.``).
 """
 
 import json
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_memosight.demo import TURN_CLOSING as CLOSING, TURN_QUESTION as QUESTION, TURN_STEP as STEP  # noqa: E402
 
-CHECKS = ("count", "name", "carried", "addition")
+CHECKS = ("count", "amount", "carried", "addition")
 ENDS = ("reached", "right_there", "closed")
 
 
@@ -31,21 +31,21 @@ def _question(question: str):
     q = QUESTION.search(question)
     if q is None:
         raise ValueError(f"not a question of the turns task: {question[:80]!r}")
-    return q[1], int(q[2]), int(q[3]), int(q[4])  # name, value, n, turns
+    return int(q[1]), int(q[2]), int(q[3])  # value, n, turns
 
 
 def check_answer(question: str, output: str) -> dict:
     """Counts of steps in the task's form and of those right on each check."""
-    name, value, _, count = _question(question)
+    value, amount, count = _question(question)
     counts = dict.fromkeys(("steps",) + CHECKS, 0)
     for text in output.split("\n\n"):
         m = STEP.fullmatch(text.strip())
         if m is None:
             continue
-        c, who, x, n, y = int(m[1]), m[2], int(m[4]), int(m[5]), int(m[6])
+        c, moved, x, n, y = (int(g) for g in m.groups())
         counts["steps"] += 1
         counts["count"] += c == count
-        counts["name"] += who == name
+        counts["amount"] += moved == amount
         counts["carried"] += x == value
         counts["addition"] += y == (x + n) % 100
         count, value = c - 1, y
@@ -53,17 +53,17 @@ def check_answer(question: str, output: str) -> dict:
 
 
 def answer_end(question: str, output: str) -> dict:
-    """Whether the answer has a step of the last turn (``001 turns to go``:
+    """Whether the answer has a step of the last turn (``1 turns to go``:
     ``reached``), whether the first such step ends on the right value
     (``right_there``), and whether the closing step comes right after it
     (``closed``)."""
-    _, value, n, turns = _question(question)
+    value, n, turns = _question(question)
     steps = [text.strip() for text in output.split("\n\n")]
     last = [(i, m) for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == 1]
     if not last:
         return dict.fromkeys(ENDS, False)
     i, m = last[0]
-    return {"reached": True, "right_there": int(m[6]) == (value + n * turns) % 100,
+    return {"reached": True, "right_there": int(m[5]) == (value + n * turns) % 100,
             "closed": i + 1 < len(steps) and steps[i + 1].startswith(CLOSING)}
 
 

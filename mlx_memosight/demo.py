@@ -13,14 +13,19 @@ has the same layout.
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
 same amount many times (64 to 240 turns, so answers of about 1,600 to 6,000
 tokens), one step per turn, counting the turns still to go:
-``011 turns to go: Mia moves it 7, so 95 + 7 = 2.``, down to
-``000 turns to go: the dial shows \\boxed{9}.``. Each step needs only the
+``11 turns to go: it moves 7, so 95 + 7 = 2.``, down to
+``0 turns to go: the dial shows \\boxed{9}.``. Each step needs only the
 question and the previous step's count and value, so once a step is
 compressed its memory tokens must carry them; nothing else of the past is
 needed, which is the situation MemoSight is built for. The answer ends at the
 step whose count is zero: nothing has to be compared or copied from far back
-to know where to stop (the form before counted up, ``Turn 011 of 131``, and
-models trained on it did not learn to stop).
+to know where to stop (the first form counted up, ``Turn 011 of 131``, and
+models trained on it did not learn to stop). Counts are written without
+leading zeros, so the first step copies the question's number digit for
+digit whatever its length (with ``011``-style counts, models trained mostly
+on short problems began long answers with a short problem's ``0``), and the
+amount is copied from the question after the same words (``it moves 7``),
+where a name written between other words could not be.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -124,35 +129,30 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     ``MAX_TURNS`` times (``steps_range``: fewest, most, both ends included,
     instead), one step per turn.
 
-    Each step counts the turns still to go (``016 turns to go: Ben moves it
-    9, so 89 + 9 = 98.``), down to the closing ``000 turns to go: the dial
-    shows \\boxed{..}.``: a step needs from before it only the count and the
-    value the previous step ended with (what a compressed step's memory
-    entries carry), and the answer ends where the count reaches zero, read
-    off the step being written rather than found by comparing numbers."""
-    name, pron = NAMES[rng.integers(len(NAMES))]
+    Each step counts the turns still to go (``16 turns to go: it moves 9, so
+    89 + 9 = 98.``), down to the closing ``0 turns to go: the dial shows
+    \\boxed{..}.``: a step needs from before it only the count and the value
+    the previous step ended with (what a compressed step's memory entries
+    carry), and the answer ends where the count reaches zero, read off the
+    step being written rather than found by comparing numbers."""
     value = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
     fewest, most = steps_range or (MIN_TURNS, MAX_TURNS)
     turns = int(rng.integers(fewest, most + 1))
     counts = [(value + n * t) % DIAL for t in range(turns + 1)]
     question = (
-        f"{name}'s dial shows {value}. Every turn {pron} moves it {n} forward, and after {DIAL - 1} it goes "
-        f"on from 0. What does it show after {turns:03d} turns?"
+        f"A dial shows {value}. Every turn it moves {n} forward, and after {DIAL - 1} it goes on from 0. "
+        f"What does it show after {turns} turns?"
     )
-    thoughts = [
-        f"{turns - t:03d} turns to go: {name} moves it {n}, so {counts[t]} + {n} = {counts[t + 1]}."
-        for t in range(turns)
-    ]
+    thoughts = [f"{turns - t} turns to go: it moves {n}, so {counts[t]} + {n} = {counts[t + 1]}." for t in range(turns)]
     thoughts.append(f"{TURN_CLOSING}{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
 
 # the forms make_turns_problem writes, for tools that read answers back
-TURN_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+)\. Every turn (?:he|she) moves it (\d) forward.* after (\d+) turns\?")
-TURN_STEP = re.compile(r"(\d+) turns to go: (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
-TURN_CLOSING = "000 turns to go: the dial shows \\boxed{"
+TURN_QUESTION = re.compile(r"A dial shows (\d+)\. Every turn it moves (\d) forward.* after (\d+) turns\?")
+TURN_STEP = re.compile(r"(\d+) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN_CLOSING = "0 turns to go: the dial shows \\boxed{"
 
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}

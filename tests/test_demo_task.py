@@ -89,26 +89,26 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 
 TURNS_QUESTION = re.compile(
-    r"(\w+)'s dial shows (\d+)\. Every turn (he|she) moves it (\d) forward, and after 99 it "
-    r"goes on from 0\. What does it show after (\d\d\d) turns\?"
+    r"A dial shows (\d+)\. Every turn it moves (\d) forward, and after 99 it goes on from 0\. "
+    r"What does it show after ([1-9]\d*) turns\?"
 )
-TURN = re.compile(r"(\d\d\d) turns to go: (\w+) moves it (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN = re.compile(r"([1-9]\d*) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 
 def check_turns_problem(p):
     """The question's form, every step's count and addition, the closing step; the number of turns."""
     m = TURNS_QUESTION.fullmatch(p.question)
     assert m, p.question
-    value, n, turns = int(m[2]), int(m[4]), int(m[5])
+    value, n, turns = int(m[1]), int(m[2]), int(m[3])
     assert len(p.thoughts) == turns + 1
     for t, step in enumerate(p.thoughts[:-1]):
         s = TURN.fullmatch(step)
         assert s, step
-        assert int(s[1]) == turns - t and s[2] == m[1] and int(s[3]) == int(s[5]) == n
-        assert int(s[4]) == value and int(s[6]) == (value + n) % 100
-        value = int(s[6])
+        assert int(s[1]) == turns - t and int(s[2]) == int(s[4]) == n
+        assert int(s[3]) == value and int(s[5]) == (value + n) % 100
+        value = int(s[5])
     assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
-    assert p.thoughts[-1] == f"000 turns to go: the dial shows \\boxed{{{value}}}."
+    assert p.thoughts[-1] == f"0 turns to go: the dial shows \\boxed{{{value}}}."
     assert p.thoughts[-1].startswith(demo.TURN_CLOSING)
     assert split_steps(p.solution) == p.thoughts
     assert score(p.solution, p.eval_item())
@@ -148,8 +148,8 @@ def test_short_turns_problems_for_training():
 
 def test_turn_steps_diagnosis():
     """examples/turn_steps.py: every check holds on a true solution; a step
-    that took a wrong value and one that wrote a wrong count are counted as
-    such; the end of an answer: reaching the last turn, on the right value,
+    that took a wrong value, one that wrote a wrong count and one that named
+    a wrong amount are counted as such; the end of an answer: reaching the last turn, on the right value,
     closing."""
     import importlib.util
 
@@ -163,14 +163,16 @@ def test_turn_steps_diagnosis():
     steps = list(p.thoughts)
     a, b = p.counts[4], (p.counts[4] + 1) % 100
     steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # step 5 starts from a wrong value
-    steps[9] = steps[9].replace(f"{turns - 9:03d} turns", f"{turns - 8:03d} turns")  # and step 10 from a wrong count
+    steps[9] = steps[9].replace(f"{turns - 9} turns", f"{turns - 8} turns")  # and step 10 from a wrong count
+    n = int(turn_steps.STEP.fullmatch(steps[14])[2])
+    steps[14] = steps[14].replace(f"it moves {n},", f"it moves {n % 9 + 1},")  # step 15 names a wrong amount
     counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
     assert counts["carried"] == counts["addition"] == turns - 1  # step 5's sum is right for what it took
     assert counts["count"] == turns - 2  # step 10, and step 11 after it
-    assert counts["name"] == counts["steps"] == turns
+    assert counts["amount"] == turns - 1 and counts["steps"] == turns
     ends = ("reached", "right_there", "closed")
     assert turn_steps.answer_end(p.question, p.solution) == dict.fromkeys(ends, True)
-    on = p.thoughts[:-1] + [p.thoughts[-2].replace("001 turns", "000 turns")]
+    on = p.thoughts[:-1] + [p.thoughts[-2].replace("1 turns", "0 turns")]
     assert turn_steps.answer_end(p.question, "\n\n".join(on)) == dict(reached=True, right_there=True, closed=False)
     off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
     assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
