@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -90,6 +90,25 @@ def describe() -> str:
     return f"cpu ({blas_library()})"
 
 
+def median_seconds(keys: Sequence, run: Callable, rounds: int = 7, warmup: int = 2,
+                   reset: Optional[Callable] = None) -> Dict:
+    """Median seconds of ``run(key)`` for each of ``keys``: the keys
+    interleaved within each round, so a slow spell of the machine spreads
+    over all of them instead of skewing one; ``warmup`` untimed rounds first;
+    ``reset(key)``, untimed, before every run. The median resists the odd
+    slow run when other work shares the machine."""
+    times = {k: [] for k in keys}
+    for r in range(warmup + rounds):
+        for k in keys:
+            if reset is not None:
+                reset(k)
+            tic = time.perf_counter()
+            run(k)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - tic)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
                warmup: int = 2) -> Dict[int, float]:
     """Median seconds of one forward pass of each size in ``sizes``: the
@@ -106,18 +125,9 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([[i % vocab for i in range(cached)]]), cache=cache))
         passes = {T: mx.array([[(7 * i + 3) % vocab for i in range(T)]]) for T in todo}
-        times = {T: [] for T in todo}
-        for r in range(warmup + rounds):
-            for T in todo:
-                tic = time.perf_counter()
-                mx.eval(model(passes[T], cache=cache))
-                if r >= warmup:
-                    times[T].append(time.perf_counter() - tic)
-                for c in cache:
-                    c.trim(T)
-        for T, v in times.items():
-            # the median resists the odd slow pass when other work shares the machine
-            memo[cached, T] = statistics.median(v)
+        times = median_seconds(todo, lambda T: mx.eval(model(passes[T], cache=cache)), rounds, warmup,
+                               reset=lambda T: [c.trim(c.offset - cached) for c in cache])
+        memo.update({(cached, T): t for T, t in times.items()})
     return {T: memo[cached, T] for T in sizes}
 
 
@@ -143,17 +153,13 @@ def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int 
             step = min(chunk, todo[-1] - start)
             mx.eval(model(mx.array([[(start + i) % vocab for i in range(step)]]), cache=cache))
         token = mx.array([[3 % vocab]])
-        times = {n: [] for n in todo}
-        for r in range(warmup + rounds):
-            for n in todo:
-                for c in cache:
-                    c.offset = n  # the entries past it stay in the buffer: the pass sees exactly n
-                tic = time.perf_counter()
-                mx.eval(model(token, cache=cache))
-                if r >= warmup:
-                    times[n].append(time.perf_counter() - tic)
-        for n, v in times.items():
-            memo[n, 1] = statistics.median(v)
+
+        def cut(n):
+            for c in cache:
+                c.offset = n  # the entries past it stay in the buffer: the pass sees exactly n
+
+        times = median_seconds(todo, lambda n: mx.eval(model(token, cache=cache)), rounds, warmup, reset=cut)
+        memo.update({(n, 1): t for n, t in times.items()})
     return {n: memo[n, 1] for n in lengths}
 
 

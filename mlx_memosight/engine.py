@@ -1105,7 +1105,7 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
     an op-by-op pass pays once per pass whatever its size: timing the other
     path would make tokens of a pass look cheaper than they are here. Kept on
     the model, each (cache, size) measured once per loaded model."""
-    from .backend import pass_costs
+    from .backend import median_seconds, pass_costs
 
     context = getattr(model.args, "max_position_embeddings", None) or float("inf")
     if (not Engine.compiled or kernels.kernels_available() or cached < 1 or max(sizes) > COMPILED_MAX_TOKENS
@@ -1125,18 +1125,14 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
         for T in todo:
             slots = np.arange(start, start + T)
             passes[T] = (mx.array([(7 * i + 3) % vocab for i in range(T)], mx.int32), slots, np.arange(T))
-        times = {T: [] for T in todo}
-        for r in range(warmup + rounds):
-            for T in todo:
-                x, slots, rows = passes[T]
-                tic = time.perf_counter()
-                logits = engine._call_compiled(seq, x, slots, slots, slots, None, rows)
-                if logits is None:
-                    raise RuntimeError(f"a {T}-token pass over {start} entries did not run compiled")
-                mx.eval(logits, cache.state_arrays())
-                if r >= warmup:
-                    times[T].append(time.perf_counter() - tic)
-                cache.trim(T)
-        for T, v in times.items():
-            memo[cached, T] = float(np.median(v))  # resists the odd slow pass
+
+        def run(T):
+            x, slots, rows = passes[T]
+            logits = engine._call_compiled(seq, x, slots, slots, slots, None, rows)
+            if logits is None:
+                raise RuntimeError(f"a {T}-token pass over {start} entries did not run compiled")
+            mx.eval(logits, cache.state_arrays())
+
+        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: cache.trim(cache.length - start))
+        memo.update({(cached, T): t for T, t in times.items()})
     return {T: memo[cached, T] for T in sizes}

@@ -1,5 +1,6 @@
 """Which BLAS MLX uses, and what a pass costs (mlx_memosight.backend)."""
 
+import time
 import os
 import subprocess
 import sys
@@ -103,3 +104,21 @@ def test_one_token_costs_grow_one_cache():
     assert backend.one_token_costs(model, [40, 1]) == {40: costs[40], 1: costs[1]} and len(model.calls) == n
     with pytest.raises(ValueError, match="at least one cached entry"):
         backend.one_token_costs(model, [0])
+
+
+def test_median_seconds_interleaves_keys_and_resets_untimed():
+    """Every round runs each key once in turn, each run after its reset; the
+    warm-up rounds and the resets are not timed."""
+    calls = []
+
+    def run(k):
+        calls.append(("run", k))
+        time.sleep(0.002 if k == "a" else 0.02)
+
+    def reset(k):
+        calls.append(("reset", k))
+        time.sleep(0.05)
+
+    times = backend.median_seconds(["a", "b"], run, rounds=3, warmup=1, reset=reset)
+    assert calls == [(what, k) for _ in range(4) for k in "ab" for what in ("reset", "run")]
+    assert 0.002 <= times["a"] < 0.02 <= times["b"] < 0.05
