@@ -11,7 +11,7 @@ MemoSight's KV savings show. Counts and days have two digits, so every step
 has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
-same amount many times (64 to 240 turns, so answers of about 1,600 to 6,000
+same amount many times (64 to 240 turns, so answers of about 1,500 to 5,600
 tokens), one step per turn, counting the turns still to go:
 ``11 turns to go: it moves 7, so 95 + 7 = 2.``, down to
 ``0 turns to go: the dial shows \\boxed{9}.``. Each step needs only the
@@ -21,11 +21,11 @@ needed, which is the situation MemoSight is built for. The answer ends at the
 step whose count is zero: nothing has to be compared or copied from far back
 to know where to stop (the first form counted up, ``Turn 011 of 131``, and
 models trained on it did not learn to stop). Counts are written without
-leading zeros, so the first step copies the question's number digit for
-digit whatever its length (with ``011``-style counts, models trained mostly
-on short problems began long answers with a short problem's ``0``), and the
-amount is copied from the question after the same words (``it moves 7``),
-where a name written between other words could not be.
+leading zeros (the third form wrote ``011``, and its models began long
+answers with a short problem's ``0``), and the steps name no one (the third
+form's ``Mia moves it 7`` left the name nothing to be copied by once the
+previous step was evicted). README (Long reasoning) has what models trained
+on each form got right.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
