@@ -1,6 +1,5 @@
 """Which BLAS MLX uses, and what a pass costs (mlx_memosight.backend)."""
 
-import time
 import os
 import subprocess
 import sys
@@ -106,19 +105,22 @@ def test_one_token_costs_grow_one_cache():
         backend.one_token_costs(model, [0])
 
 
-def test_median_seconds_interleaves_keys_and_resets_untimed():
+def test_median_seconds_interleaves_keys_and_resets_untimed(monkeypatch):
     """Every round runs each key once in turn, each run after its reset; the
-    warm-up rounds and the resets are not timed."""
-    calls = []
+    warm-up rounds and the resets are not timed (a fake clock: a run of key
+    ``k`` takes its own time per round, a reset 100 s)."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(backend.time, "perf_counter", lambda: clock[0])
+    spent = {"a": iter([50.0, 1.0, 3.0, 2.0]), "b": iter([50.0, 10.0, 30.0, 20.0])}
 
     def run(k):
         calls.append(("run", k))
-        time.sleep(0.002 if k == "a" else 0.02)
+        clock[0] += next(spent[k])
 
     def reset(k):
         calls.append(("reset", k))
-        time.sleep(0.05)
+        clock[0] += 100.0
 
     times = backend.median_seconds(["a", "b"], run, rounds=3, warmup=1, reset=reset)
     assert calls == [(what, k) for _ in range(4) for k in "ab" for what in ("reset", "run")]
-    assert 0.002 <= times["a"] < 0.02 <= times["b"] < 0.05
+    assert times == {"a": 2.0, "b": 20.0}
