@@ -125,8 +125,13 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([[i % vocab for i in range(cached)]]), cache=cache))
         passes = {T: mx.array([[(7 * i + 3) % vocab for i in range(T)]]) for T in todo}
-        times = median_seconds(todo, lambda T: mx.eval(model(passes[T], cache=cache)), rounds, warmup,
-                               reset=lambda T: [c.trim(c.offset - cached) for c in cache])
+        fed = [0]  # the tokens the last pass added to the cache
+
+        def run(T):
+            mx.eval(model(passes[T], cache=cache))
+            fed[0] = T
+
+        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: [c.trim(fed[0]) for c in cache])
         memo.update({(cached, T): t for T, t in times.items()})
     return {T: memo[cached, T] for T in sizes}
 

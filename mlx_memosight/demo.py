@@ -19,13 +19,13 @@ question and the previous step's count and value, so once a step is
 compressed its memory tokens must carry them; nothing else of the past is
 needed, which is the situation MemoSight is built for. The answer ends at the
 step whose count is zero: nothing has to be compared or copied from far back
-to know where to stop (the first form counted up, ``Turn 011 of 131``, and
-models trained on it did not learn to stop). Counts are written without
-leading zeros (the third form wrote ``011``, and its models began long
-answers with a short problem's ``0``), and the steps name no one (the third
-form's ``Mia moves it 7`` left the name nothing to be copied by once the
-previous step was evicted). README (Long reasoning) has what models trained
-on each form got right.
+to know where to stop (the first two forms counted up, ``Turn 011 of 131``,
+and models trained on them did not learn to stop). The steps name no one
+(the third form's ``Mia moves it 7`` left the name nothing to be copied by
+once the previous step was evicted), and counts are written without the
+third form's leading zeros (``011``); models trained on this form carry the
+value but not the count, so the fixed width is likely to come back. README
+(Long reasoning) has what models trained on each form got right.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap

@@ -77,21 +77,22 @@ def test_generate_and_convert_say_so(tmp_path, capsys):
     assert code == 0 and "notice" not in err  # the demo model is float32
 
 
+class Recording:
+    """The model, recording each call's (tokens, cached entries, cache)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.layers, self.calls = model, model.args, model.layers, []
+
+    def __call__(self, inputs, cache=None):
+        self.calls.append((inputs.shape[1], cache[0].offset, id(cache)))
+        return self.model(inputs, cache=cache)
+
+
 def test_one_token_costs_grow_one_cache():
     """Each length is timed with exactly that many cached entries, the
     lengths in turn each round, all in one cache prefilled once up to the
     longest (chunk by chunk); each length is measured once per model."""
     from helpers import mlx_model, vocab_size
-
-    class Recording:
-        """The model, recording each call's (tokens, cached entries, cache)."""
-
-        def __init__(self, model):
-            self.model, self.args, self.layers, self.calls = model, model.args, model.layers, []
-
-        def __call__(self, inputs, cache=None):
-            self.calls.append((inputs.shape[1], cache[0].offset, id(cache)))
-            return self.model(inputs, cache=cache)
 
     model = Recording(mlx_model("qwen2", vocab_size())[0])
     costs = backend.one_token_costs(model, [300, 1, 40, 300], rounds=3, warmup=1, chunk=128)
@@ -103,6 +104,18 @@ def test_one_token_costs_grow_one_cache():
     assert backend.one_token_costs(model, [40, 1]) == {40: costs[40], 1: costs[1]} and len(model.calls) == n
     with pytest.raises(ValueError, match="at least one cached entry"):
         backend.one_token_costs(model, [0])
+
+
+def test_pass_costs_run_every_pass_over_the_same_cache():
+    """Each pass size is timed over exactly ``cached`` entries: what the
+    previous pass added is trimmed before the next."""
+    from helpers import mlx_model, vocab_size
+
+    model = Recording(mlx_model("qwen2", vocab_size())[0])
+    costs = backend.pass_costs(model, [1, 5, 9], cached=20, rounds=2, warmup=1)
+    assert set(costs) == {1, 5, 9} and all(t > 0 for t in costs.values())
+    assert [(T, n) for T, n, _ in model.calls] == [(20, 0)] + [(1, 20), (5, 20), (9, 20)] * 3
+    assert len({c for _, _, c in model.calls}) == 1
 
 
 def test_median_seconds_interleaves_keys_and_resets_untimed(monkeypatch):

@@ -167,7 +167,7 @@ def test_turn_steps_diagnosis():
     n = int(turn_steps.STEP.fullmatch(steps[14])[2])
     steps[14] = steps[14].replace(f"it moves {n},", f"it moves {n % 9 + 1},")  # step 15 names a wrong amount
     counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
-    assert counts["carried"] == counts["addition"] == turns - 1  # step 5's sum is right for what it took
+    assert counts["carried"] == counts["addition"] == turns - 1  # step 5 took a wrong value; its sum is not of what it took
     assert counts["count"] == turns - 2  # step 10, and step 11 after it
     assert counts["amount"] == turns - 1 and counts["steps"] == turns
     ends = ("reached", "right_there", "closed")
