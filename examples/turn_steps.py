@@ -4,15 +4,15 @@
 
 RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
 ``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
-steps are (``11 turns to go: it moves 7, so 95 + 7 = 2.``) it checks
+steps are (``011 turns to go: it moves 7, so 95 + 7 = 2.``) it checks
 what the step had to get right: the count, one less than the previous step's
 (the question's number of turns for the first step), the amount from the
 question, the value the previous step ended with (the count and the value
 are what, once that step is compressed, only its memory entries carry), and
 the addition. Prints the share of steps right on each, how many answers
-reach the last turn (``1 turns to go``), how many of those on the right
+reach the last turn (``001 turns to go``), how many of those on the right
 value, and how many then close with the task's final step
-(``0 turns to go: the dial shows \\boxed{..}.``).
+(``000 turns to go: the dial shows \\boxed{..}.``).
 """
 
 import json
@@ -53,7 +53,7 @@ def check_answer(question: str, output: str) -> dict:
 
 
 def answer_end(question: str, output: str) -> dict:
-    """Whether the answer has a step of the last turn (``1 turns to go``:
+    """Whether the answer has a step of the last turn (``001 turns to go``:
     ``reached``), whether the first such step ends on the right value
     (``right_there``), and whether the closing step comes right after it
     (``closed``)."""

@@ -12,9 +12,11 @@ has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
 same amount many times (64 to 240 turns, so answers of about 1,500 to 5,600
-tokens), one step per turn, counting the turns still to go:
-``11 turns to go: it moves 7, so 95 + 7 = 2.``, down to
-``0 turns to go: the dial shows \\boxed{9}.``. Each step needs only the
+tokens), one step per turn, counting the turns still to go in three digits:
+``011 turns to go: it moves 7, so 95 + 7 = 2.``, down to
+``000 turns to go: the dial shows \\boxed{9}.``. The question writes its
+number of turns the same way (``after 131 turns``, ``after 070 turns``), so
+the first step copies it digit for digit. Each step needs only the
 question and the previous step's count and value, so once a step is
 compressed its memory tokens must carry them; nothing else of the past is
 needed, which is the situation MemoSight is built for. The answer ends at the
@@ -22,10 +24,10 @@ step whose count is zero: nothing has to be compared or copied from far back
 to know where to stop (the first two forms counted up, ``Turn 011 of 131``,
 and models trained on them did not learn to stop). The steps name no one
 (the third form's ``Mia moves it 7`` left the name nothing to be copied by
-once the previous step was evicted), and counts are written without the
-third form's leading zeros (``011``); models trained on this form carry the
-value but not the count, so the fixed width is likely to come back. README
-(Long reasoning) has what models trained on each form got right.
+once the previous step was evicted), and the counts keep their fixed width
+(the fourth form dropped it, and models trained on it no longer carried the
+count). README (Long reasoning) has what models trained on each form got
+right.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -129,8 +131,8 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     ``MAX_TURNS`` times (``steps_range``: fewest, most, both ends included,
     instead), one step per turn.
 
-    Each step counts the turns still to go (``16 turns to go: it moves 9, so
-    89 + 9 = 98.``), down to the closing ``0 turns to go: the dial shows
+    Each step counts the turns still to go (``016 turns to go: it moves 9, so
+    89 + 9 = 98.``), down to the closing ``000 turns to go: the dial shows
     \\boxed{..}.``: a step needs from before it only the count and the value
     the previous step ended with (what a compressed step's memory entries
     carry), and the answer ends where the count reaches zero, read off the
@@ -142,9 +144,9 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     counts = [(value + n * t) % DIAL for t in range(turns + 1)]
     question = (
         f"A dial shows {value}. Every turn it moves {n} forward, and after {DIAL - 1} it goes on from 0. "
-        f"What does it show after {turns} turns?"
+        f"What does it show after {turns:03d} turns?"
     )
-    thoughts = [f"{turns - t} turns to go: it moves {n}, so {counts[t]} + {n} = {counts[t + 1]}." for t in range(turns)]
+    thoughts = [f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]} + {n} = {counts[t + 1]}." for t in range(turns)]
     thoughts.append(f"{TURN_CLOSING}{counts[-1]}}}.")
     return Problem(question, thoughts, counts[-1], counts)
 
@@ -152,7 +154,7 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
 # the forms make_turns_problem writes, for tools that read answers back
 TURN_QUESTION = re.compile(r"A dial shows (\d+)\. Every turn it moves (\d) forward.* after (\d+) turns\?")
 TURN_STEP = re.compile(r"(\d+) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
-TURN_CLOSING = "0 turns to go: the dial shows \\boxed{"
+TURN_CLOSING = "000 turns to go: the dial shows \\boxed{"
 
 
 MAKERS = {"days": make_problem, "turns": make_turns_problem}

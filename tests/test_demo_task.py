@@ -90,9 +90,9 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 TURNS_QUESTION = re.compile(
     r"A dial shows (\d+)\. Every turn it moves (\d) forward, and after 99 it goes on from 0\. "
-    r"What does it show after ([1-9]\d*) turns\?"
+    r"What does it show after (\d{3}) turns\?"
 )
-TURN = re.compile(r"([1-9]\d*) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN = re.compile(r"(\d{3}) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
 
 
 def check_turns_problem(p):
@@ -108,7 +108,7 @@ def check_turns_problem(p):
         assert int(s[3]) == value and int(s[5]) == (value + n) % 100
         value = int(s[5])
     assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
-    assert p.thoughts[-1] == f"0 turns to go: the dial shows \\boxed{{{value}}}."
+    assert p.thoughts[-1] == f"000 turns to go: the dial shows \\boxed{{{value}}}."
     assert p.thoughts[-1].startswith(demo.TURN_CLOSING)
     assert split_steps(p.solution) == p.thoughts
     assert score(p.solution, p.eval_item())
@@ -163,7 +163,7 @@ def test_turn_steps_diagnosis():
     steps = list(p.thoughts)
     a, b = p.counts[4], (p.counts[4] + 1) % 100
     steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # step 5 starts from a wrong value
-    steps[9] = steps[9].replace(f"{turns - 9} turns", f"{turns - 8} turns")  # and step 10 from a wrong count
+    steps[9] = steps[9].replace(f"{turns - 9:03d} turns", f"{turns - 8:03d} turns")  # and step 10 from a wrong count
     n = int(turn_steps.STEP.fullmatch(steps[14])[2])
     steps[14] = steps[14].replace(f"it moves {n},", f"it moves {n % 9 + 1},")  # step 15 names a wrong amount
     counts = turn_steps.check_answer(p.question, "\n\n".join(steps))
@@ -172,7 +172,7 @@ def test_turn_steps_diagnosis():
     assert counts["amount"] == turns - 1 and counts["steps"] == turns
     ends = ("reached", "right_there", "closed")
     assert turn_steps.answer_end(p.question, p.solution) == dict.fromkeys(ends, True)
-    on = p.thoughts[:-1] + [p.thoughts[-2].replace("1 turns", "0 turns")]
+    on = p.thoughts[:-1] + [p.thoughts[-2].replace("001 turns", "000 turns")]
     assert turn_steps.answer_end(p.question, "\n\n".join(on)) == dict(reached=True, right_there=True, closed=False)
     off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
     assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
