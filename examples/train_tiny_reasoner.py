@@ -101,10 +101,13 @@ def build_parser():
     p.add_argument("--compression-ratio", type=int, default=12)
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
-    p.add_argument("--short-share", type=float, default=0.88,
+    p.add_argument("--short-share", type=float, default=0.5,
                    help="--task turns: share of training problems of %d-%d turns (the rest have %d-%d, as the "
                    "held-out ones); short problems teach the steps at a fraction of the cost"
                    % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
+    p.add_argument("--prefix-share", type=float, default=0.4,
+                   help="--task turns: share of training problems that are long ones cut to their first %d-%d "
+                   "steps (no end): how a long solution begins, at the cost of a short problem" % demo.SHORT_STEPS)
     p.add_argument("--max-position", type=int, default=None,
                    help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -121,6 +124,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0 <= args.short_share < 1:
         parser.error(f"--short-share must be in [0, 1), got {args.short_share}")
+    if not 0 <= args.prefix_share < 1 - args.short_share:
+        parser.error(f"--prefix-share must be in [0, 1 - --short-share), got {args.prefix_share}: "
+                     "some training problems must be whole long ones")
     out, examples, max_position, learning_rate = TASK_DEFAULTS[args.task]
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
@@ -150,21 +156,29 @@ class Clock:
 
 def write_data(out: Path, args):
     train_p = demo.problems("train", args.train_examples, args.seed, args.task)
-    if args.task == "turns" and args.short_share > 0:
+    prefix = [None] * len(train_p)  # per training problem: the steps it is cut to, or None (whole)
+    if args.task == "turns" and args.short_share + args.prefix_share > 0:
         import numpy as np
 
+        rng = np.random.default_rng(args.seed)
         n_short = int(round(args.short_share * args.train_examples))
+        n_prefix = int(round(args.prefix_share * args.train_examples))
+        fewest, most = demo.SHORT_STEPS
         mixed = demo.problems("train", n_short, args.seed, "turns", demo.SHORT_STEPS) + train_p[n_short:]
-        train_p = [mixed[i] for i in np.random.default_rng(args.seed).permutation(len(mixed))]
+        cut = [None] * n_short + [int(k) for k in rng.integers(fewest, most + 1, n_prefix)]
+        cut += [None] * (len(mixed) - len(cut))
+        order = rng.permutation(len(mixed))
+        train_p, prefix = [mixed[i] for i in order], [cut[i] for i in order]
     valid_p = demo.problems("valid", args.valid_examples, args.seed, args.task)
     held = demo.problems("heldout", args.heldout, args.seed, args.task)
     train_q, valid_q = questions(train_p, args.bare_questions), questions(valid_p, 0.0)
-    demo.write_jsonl(out / "data" / "train.jsonl", [p.training_record(q) for p, q in zip(train_p, train_q)])
+    records = [p.training_record(q, k) for p, q, k in zip(train_p, train_q, prefix)]
+    demo.write_jsonl(out / "data" / "train.jsonl", records)
     demo.write_jsonl(out / "data" / "valid.jsonl", [p.training_record(q) for p, q in zip(valid_p, valid_q)])
     demo.write_jsonl(out / "heldout.jsonl", [p.eval_item() for p in held])
     texts = []
-    for p, q in zip(train_p, train_q):
-        texts += [TEMPLATES["plain"].render(q), p.solution]
+    for r in records:
+        texts += [TEMPLATES["plain"].render(r["question"]), "\n\n".join(r["thoughts_list"])]
     return len(train_p), len(valid_p), texts, held
 
 

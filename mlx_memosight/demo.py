@@ -91,9 +91,17 @@ class Problem:
         """The problem as an eval item (``bench --data`` / ``evaluate --data``)."""
         return {"question": self.question, "answer": str(self.answer), "kind": KIND}
 
-    def training_record(self, question: Optional[str] = None) -> dict:
-        """The problem as a training record (reference format)."""
-        return {"question": question or self.question, "thoughts_list": list(self.thoughts)}
+    def training_record(self, question: Optional[str] = None, steps: Optional[int] = None) -> dict:
+        """The problem as a training record (reference format); with
+        ``steps``, only the solution's first ``steps`` steps and no end of
+        sequence (``add_eos``: false), which trains how a long solution
+        begins at the cost of a short one."""
+        record = {"question": question or self.question, "thoughts_list": list(self.thoughts)}
+        if steps is not None:
+            if not 0 < steps < len(self.thoughts):
+                raise ValueError(f"steps must be in [1, {len(self.thoughts) - 1}], got {steps}")
+            record.update(thoughts_list=self.thoughts[:steps], add_eos=False)
+        return record
 
     @property
     def solution(self) -> str:
