@@ -140,6 +140,11 @@ def test_short_turns_problems_for_training():
     steps = [check_turns_problem(p) for p in short]
     assert min(steps) >= demo.SHORT_STEPS[0] and max(steps) <= demo.SHORT_STEPS[1] and len(set(steps)) > 10
     assert short == demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
+    cut = short[0].training_record(steps=3)
+    assert cut == {"question": short[0].question, "thoughts_list": short[0].thoughts[:3], "add_eos": False}
+    for steps in (0, len(short[0].thoughts)):
+        with pytest.raises(ValueError, match="steps must be in"):
+            short[0].training_record(steps=steps)
     with pytest.raises(ValueError, match="turns task only"):
         demo.problems("train", 1, steps_range=(8, 9))
     with pytest.raises(ValueError, match="steps_range must be"):

@@ -50,3 +50,43 @@ def test_interrupted_run_writes_the_models_trained_so_far(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     n = sorted(len(tokenizer.encode(p.solution, add_special_tokens=False)) for p in demo.problems("heldout", 2, 0))
     assert f"held-out reference answers: {n[0]:,} to {n[1]:,} tokens" in text
+
+
+def test_turns_training_mix(tmp_path):
+    """--task turns: the shares of short problems, long ones cut to their
+    first steps (no end of sequence) and whole long ones; a cut problem is
+    the start of a true long solution; the records read as the trainer reads them."""
+    import importlib.util
+    import json
+    import re
+
+    from mlx_memosight.datasets import read_jsonl
+
+    spec = importlib.util.spec_from_file_location("train_tiny_reasoner", ROOT / "examples" / "train_tiny_reasoner.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--task", "turns", "--train-examples", "200", "--heldout", "1",
+                              "--short-share", "0.5", "--prefix-share", "0.4"])
+    (tmp_path / "data").mkdir()
+    script.write_data(tmp_path, args)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    cut = [r for r in rows if r.get("add_eos") is False]
+    whole = [r for r in rows if "add_eos" not in r]
+    turns = [int(re.search(r"after (\d+) turns", r["question"])[1]) for r in whole]
+    assert len(rows) == 200 and len(cut) == 80 and sum(t >= demo.MIN_TURNS for t in turns) == 20
+    assert all(len(r["thoughts_list"]) == t + 1 for r, t in zip(whole, turns))  # whole: every turn, then the closing
+    fewest, most = demo.SHORT_STEPS
+    assert all(fewest <= t <= most for t in turns if t < demo.MIN_TURNS)
+    for r in cut:
+        t = int(re.search(r"after (\d+) turns", r["question"])[1])
+        steps = r["thoughts_list"]
+        assert demo.MIN_TURNS <= t and fewest <= len(steps) <= most
+        assert steps[0].startswith(f"{t:03d} turns to go") and steps[-1].startswith(f"{t - len(steps) + 1:03d} turns")
+    assert len({len(r["thoughts_list"]) for r in cut}) > 10  # cut at many lengths
+    examples, bad = read_jsonl(tmp_path / "data" / "train.jsonl")
+    assert bad == 0 and [e.add_eos for e in examples] == ["add_eos" not in r for r in rows]
+    whole_problem = demo.problems("train", 200, task="turns")
+    by_question = {p.question: p for p in whole_problem}
+    for r in cut[:10]:  # the cut solution is the start of the true one
+        q = r["question"].removeprefix(script.PROMPT_PREFIX)
+        assert by_question[q].thoughts[: len(r["thoughts_list"])] == r["thoughts_list"]
