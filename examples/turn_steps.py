@@ -9,7 +9,8 @@ what the step had to get right: the count, one less than the previous step's
 (the question's number of turns for the first step), the amount from the
 question, the value the previous step ended with (the count and the value
 are what, once that step is compressed, only its memory entries carry), and
-the addition. Prints the share of steps right on each, how many answers
+the addition. Prints how many answers start right (their first step is
+the task's first step), the share of steps right on each check, how many answers
 reach the last turn (``001 turns to go``), how many of those on the right
 value, and how many then close with the task's final step
 (``000 turns to go: the dial shows \\boxed{..}.``).
@@ -67,18 +68,29 @@ def answer_end(question: str, output: str) -> dict:
             "closed": i + 1 < len(steps) and steps[i + 1].startswith(CLOSING)}
 
 
+def answer_start(question: str, output: str) -> bool:
+    """Whether the answer's first step is the task's first step: the
+    question's number of turns, its amount and its value, added right."""
+    value, n, turns = _question(question)
+    m = STEP.fullmatch(output.split("\n\n")[0].strip())
+    return m is not None and tuple(int(g) for g in m.groups()) == (turns, n, value, n, (value + n) % 100)
+
+
 def main(argv=None):
     paths = (argv if argv is not None else sys.argv[1:]) or sys.exit(__doc__)
     for path in paths:
         rows = [json.loads(line) for line in open(path)]
         total = dict.fromkeys(("steps",) + CHECKS + ENDS, 0)
+        started = 0
         for r in rows:
             counts = check_answer(r["question"], r["output"]) | answer_end(r["question"], r["output"])
+            started += answer_start(r["question"], r["output"])
             for k, v in counts.items():
                 total[k] += v
         right = sum(bool(r["correct"]) for r in rows)
         shares = ", ".join(f"{k} {total[k] / max(total['steps'], 1):.1%}" for k in CHECKS)
-        print(f"{path}: {right}/{len(rows)} answers right; {total['steps']} steps in the task's form, right on: {shares}; "
+        print(f"{path}: {right}/{len(rows)} answers right, {started} start right; {total['steps']} steps in the task's "
+              f"form, right on: {shares}; "
               f"{total['reached']} answers reach the last turn, {total['right_there']} on the right value, "
               f"{total['closed']} then close")
 

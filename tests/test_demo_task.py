@@ -182,3 +182,7 @@ def test_turn_steps_diagnosis():
     off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
     assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
     assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == dict.fromkeys(ends, False)
+    assert turn_steps.answer_start(p.question, p.solution) and turn_steps.answer_start(p.question, steps[0])
+    assert not turn_steps.answer_start(p.question, p.solution.replace(f"{turns:03d} turns", f"{turns % 100:03d} turns", 1))
+    assert not turn_steps.answer_start(p.question, "\n\n".join(steps[4:]))  # starts at a later step
+    assert not turn_steps.answer_start(p.question, "Let me see.\n\n" + p.solution)
