@@ -74,7 +74,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=demo.TASKS, default="days",
                    help="days: the packaged demo model's task; turns: the long-reasoning task (answers of "
-                        "about 1,500-5,600 tokens)")
+                        "about 1,700-5,700 tokens)")
     p.add_argument("--out", default=None, help="folder for data, tokenizer and the plain model "
                    "(default: tiny-reasoner, or tiny-reasoner-long for --task turns)")
     p.add_argument("--demo-dir", default=None, help="where the MemoSight model goes (default: "

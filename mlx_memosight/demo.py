@@ -11,7 +11,7 @@ MemoSight's KV savings show. Counts and days have two digits, so every step
 has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
-same amount many times (64 to 240 turns, so answers of about 1,500 to 5,600
+same amount many times (64 to 240 turns, so answers of about 1,700 to 5,700
 tokens), one step per turn, counting the turns still to go in three digits:
 ``011 turns to go: it moves 7, so 95 + 7 = 2.``, down to
 ``000 turns to go: the dial shows \\boxed{9}.``. The question writes its
