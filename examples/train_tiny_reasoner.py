@@ -102,12 +102,14 @@ def build_parser():
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
     p.add_argument("--short-share", type=float, default=0.5,
-                   help="--task turns: share of training problems of %d-%d turns (the rest have %d-%d, as the "
-                   "held-out ones); short problems teach the steps at a fraction of the cost"
-                   % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
-    p.add_argument("--prefix-share", type=float, default=0.4,
+                   help="--task turns: share of training problems of %d-%d turns (the rest are long ones of %d-%d "
+                   "turns, as the held-out ones, whole or cut: see --prefix-share); short problems teach the "
+                   "steps at a fraction of the cost" % (*demo.SHORT_STEPS, demo.MIN_TURNS, demo.MAX_TURNS))
+    p.add_argument("--prefix-share", type=float, default=None,
                    help="--task turns: share of training problems that are long ones cut to their first %d-%d "
-                   "steps (no end): how a long solution begins, at the cost of a short problem" % demo.SHORT_STEPS)
+                   "steps (no end): how a long solution begins, at the cost of a short problem (default: 0.4, "
+                   "or less so that a tenth are whole long ones; the two shares must add up to less than 1)"
+                   % demo.SHORT_STEPS)
     p.add_argument("--max-position", type=int, default=None,
                    help="max_position_embeddings (default: 2048, or 8192 for --task turns)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -124,9 +126,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0 <= args.short_share < 1:
         parser.error(f"--short-share must be in [0, 1), got {args.short_share}")
-    if not 0 <= args.prefix_share < 1 - args.short_share:
-        parser.error(f"--prefix-share must be in [0, 1 - --short-share), got {args.prefix_share}: "
-                     "some training problems must be whole long ones")
+    if args.prefix_share is None:
+        args.prefix_share = max(0.0, min(0.4, 0.9 - args.short_share))
+    elif not 0 <= args.prefix_share < 1 - args.short_share:
+        parser.error(f"--prefix-share must be in [0, 1 - --short-share) = [0, {1 - args.short_share:g}), got "
+                     f"{args.prefix_share}: some training problems must be whole long ones")
     out, examples, max_position, learning_rate = TASK_DEFAULTS[args.task]
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
@@ -162,7 +166,7 @@ def write_data(out: Path, args):
 
         rng = np.random.default_rng(args.seed)
         n_short = int(round(args.short_share * args.train_examples))
-        n_prefix = int(round(args.prefix_share * args.train_examples))
+        n_prefix = max(0, min(int(round(args.prefix_share * args.train_examples)), args.train_examples - n_short - 1))
         fewest, most = demo.SHORT_STEPS
         mixed = demo.problems("train", n_short, args.seed, "turns", demo.SHORT_STEPS) + train_p[n_short:]
         cut = [None] * n_short + [int(k) for k in rng.integers(fewest, most + 1, n_prefix)]

@@ -70,10 +70,12 @@ def answer_end(question: str, output: str) -> dict:
 
 def answer_start(question: str, output: str) -> bool:
     """Whether the answer's first step is the task's first step: the
-    question's number of turns, its amount and its value, added right."""
+    question's number of turns (three digits), its amount and its value,
+    added right."""
     value, n, turns = _question(question)
     m = STEP.fullmatch(output.split("\n\n")[0].strip())
-    return m is not None and tuple(int(g) for g in m.groups()) == (turns, n, value, n, (value + n) % 100)
+    return m is not None and m[1] == f"{turns:03d}" and tuple(int(g) for g in m.groups()[1:]) == (
+        n, value, n, (value + n) % 100)
 
 
 def main(argv=None):

@@ -142,9 +142,9 @@ def test_short_turns_problems_for_training():
     assert short == demo.problems("train", 40, task="turns", steps_range=demo.SHORT_STEPS)
     cut = short[0].training_record(steps=3)
     assert cut == {"question": short[0].question, "thoughts_list": short[0].thoughts[:3], "add_eos": False}
-    for steps in (0, len(short[0].thoughts)):
+    for bad in (0, len(short[0].thoughts)):
         with pytest.raises(ValueError, match="steps must be in"):
-            short[0].training_record(steps=steps)
+            short[0].training_record(steps=bad)
     with pytest.raises(ValueError, match="turns task only"):
         demo.problems("train", 1, steps_range=(8, 9))
     with pytest.raises(ValueError, match="steps_range must be"):
@@ -185,4 +185,5 @@ def test_turn_steps_diagnosis():
     assert turn_steps.answer_start(p.question, p.solution) and turn_steps.answer_start(p.question, steps[0])
     assert not turn_steps.answer_start(p.question, p.solution.replace(f"{turns:03d} turns", f"{turns % 100:03d} turns", 1))
     assert not turn_steps.answer_start(p.question, "\n\n".join(steps[4:]))  # starts at a later step
+    assert not turn_steps.answer_start(p.question, p.solution.replace(f"{turns:03d} turns", f"0{turns:03d} turns", 1))
     assert not turn_steps.answer_start(p.question, "Let me see.\n\n" + p.solution)

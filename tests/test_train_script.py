@@ -1,5 +1,6 @@
-"""examples/train_tiny_reasoner.py stopped by Ctrl-C: each model is written as
-trained so far, beside (never over) a finished one, and the run exits 130."""
+"""examples/train_tiny_reasoner.py: stopped by Ctrl-C, each model is written as
+trained so far, beside (never over) a finished one, and the run exits 130;
+the long task's training mix."""
 
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT
 from mlx_memosight import demo
 from mlx_memosight.loading import load
@@ -52,7 +54,7 @@ def test_interrupted_run_writes_the_models_trained_so_far(tmp_path):
     assert f"held-out reference answers: {n[0]:,} to {n[1]:,} tokens" in text
 
 
-def test_turns_training_mix(tmp_path):
+def test_turns_training_mix(tmp_path, capsys):
     """--task turns: the shares of short problems, long ones cut to their
     first steps (no end of sequence) and whole long ones; a cut problem is
     the start of a true long solution; the records read as the trainer reads them."""
@@ -83,6 +85,12 @@ def test_turns_training_mix(tmp_path):
         assert demo.MIN_TURNS <= t and fewest <= len(steps) <= most
         assert steps[0].startswith(f"{t:03d} turns to go") and steps[-1].startswith(f"{t - len(steps) + 1:03d} turns")
     assert len({len(r["thoughts_list"]) for r in cut}) > 10  # cut at many lengths
+    defaults = script.parse_args(["--task", "turns"])
+    assert (defaults.short_share, defaults.prefix_share) == (0.5, 0.4)
+    assert script.parse_args(["--task", "turns", "--short-share", "0.8"]).prefix_share == pytest.approx(0.1)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--task", "turns", "--short-share", "0.6", "--prefix-share", "0.4"])
+    assert "--prefix-share must be in [0, 1 - --short-share) = [0, 0.4), got 0.4" in capsys.readouterr().err
     examples, bad = read_jsonl(tmp_path / "data" / "train.jsonl")
     assert bad == 0 and [e.add_eos for e in examples] == ["add_eos" not in r for r in rows]
     whole_problem = demo.problems("train", 200, task="turns")
