@@ -4,7 +4,7 @@
 
 RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
 ``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
-steps are (``011 turns to go: it moves 7, so 95 + 7 = 2.``) it checks
+steps are (``011 turns to go: it moves 7, so 95 + 7 = 02.``) it checks
 what the step had to get right: the count, one less than the previous step's
 (the question's number of turns for the first step), the amount from the
 question, the value the previous step ended with (the count and the value
@@ -70,11 +70,11 @@ def answer_end(question: str, output: str) -> dict:
 
 def answer_start(question: str, output: str) -> bool:
     """Whether the answer's first step is the task's first step: the
-    question's number of turns (three digits), its amount and its value,
-    added right."""
+    question's number of turns (three digits), its amount and its value (two
+    digits), added right."""
     value, n, turns = _question(question)
     m = STEP.fullmatch(output.split("\n\n")[0].strip())
-    return m is not None and m[1] == f"{turns:03d}" and tuple(int(g) for g in m.groups()[1:]) == (
+    return m is not None and m[1] == f"{turns:03d}" and m[3] == f"{value:02d}" and tuple(int(g) for g in m.groups()[1:]) == (
         n, value, n, (value + n) % 100)
 
 

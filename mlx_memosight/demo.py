@@ -12,22 +12,26 @@ has the same layout.
 
 ``turns`` (long reasoning): a dial of 100 positions is turned forward by the
 same amount many times (64 to 240 turns, so answers of about 1,700 to 5,700
-tokens), one step per turn, counting the turns still to go in three digits:
-``011 turns to go: it moves 7, so 95 + 7 = 2.``, down to
-``000 turns to go: the dial shows \\boxed{9}.``. The question writes its
-number of turns the same way (``after 131 turns``, ``after 070 turns``), so
-the first step copies it digit for digit. Each step needs only the
+tokens), one step per turn, counting the turns still to go in three digits
+and writing the dial's value in two:
+``011 turns to go: it moves 7, so 95 + 7 = 02.``, down to
+``000 turns to go: the dial shows \\boxed{09}.``. The question writes its
+numbers the same way (``A dial shows 05.``, ``after 131 turns``, ``after 070
+turns``), so the first step copies them digit for digit, and every step has
+the same tokens in the same places. Each step needs only the
 question and the previous step's count and value, so once a step is
-compressed its memory tokens must carry them; nothing else of the past is
+compressed its memory entries must carry them; nothing else of the past is
 needed, which is the situation MemoSight is built for. The answer ends at the
 step whose count is zero: nothing has to be compared or copied from far back
 to know where to stop (the first two forms counted up, ``Turn 011 of 131``,
 and models trained on them did not learn to stop). The steps name no one
 (the third form's ``Mia moves it 7`` left the name nothing to be copied by
-once the previous step was evicted), and the counts keep their fixed width
-(the fourth form dropped it, and models trained on it no longer carried the
-count). README (Long reasoning) has what models trained on each form got
-right.
+once the previous step was evicted), the counts keep their fixed width (the
+fourth form dropped it, and models trained on it no longer carried the
+count), and so, since the sixth form, do the values (with one-digit values a
+step was a token shorter than the one before it, and most of the fifth
+form's count errors came in the step after). README (Long reasoning) has
+what models trained on each form got right.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -86,10 +90,11 @@ class Problem:
     thoughts: List[str]
     answer: int
     counts: List[int]  # the count at the start and after every day
+    answer_text: Optional[str] = None  # the answer as the solution writes it, where not str(answer)
 
     def eval_item(self) -> dict:
         """The problem as an eval item (``bench --data`` / ``evaluate --data``)."""
-        return {"question": self.question, "answer": str(self.answer), "kind": KIND}
+        return {"question": self.question, "answer": self.answer_text or str(self.answer), "kind": KIND}
 
     def training_record(self, question: Optional[str] = None, steps: Optional[int] = None) -> dict:
         """The problem as a training record (reference format); with
@@ -140,8 +145,8 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     instead), one step per turn.
 
     Each step counts the turns still to go (``016 turns to go: it moves 9, so
-    89 + 9 = 98.``), down to the closing ``000 turns to go: the dial shows
-    \\boxed{..}.``: a step needs from before it only the count and the value
+    89 + 9 = 98.``; values in two digits, ``so 95 + 7 = 02.``), down to the
+    closing ``000 turns to go: the dial shows \\boxed{..}.``: a step needs from before it only the count and the value
     the previous step ended with (what a compressed step's memory entries
     carry), and the answer ends where the count reaches zero, read off the
     step being written rather than found by comparing numbers."""
@@ -151,12 +156,14 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     turns = int(rng.integers(fewest, most + 1))
     counts = [(value + n * t) % DIAL for t in range(turns + 1)]
     question = (
-        f"A dial shows {value}. Every turn it moves {n} forward, and after {DIAL - 1} it goes on from 0. "
+        f"A dial shows {value:02d}. Every turn it moves {n} forward, and after {DIAL - 1} it goes on from 0. "
         f"What does it show after {turns:03d} turns?"
     )
-    thoughts = [f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]} + {n} = {counts[t + 1]}." for t in range(turns)]
-    thoughts.append(f"{TURN_CLOSING}{counts[-1]}}}.")
-    return Problem(question, thoughts, counts[-1], counts)
+    thoughts = [
+        f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]:02d} + {n} = {counts[t + 1]:02d}." for t in range(turns)
+    ]
+    thoughts.append(f"{TURN_CLOSING}{counts[-1]:02d}}}.")
+    return Problem(question, thoughts, counts[-1], counts, f"{counts[-1]:02d}")
 
 
 # the forms make_turns_problem writes, for tools that read answers back

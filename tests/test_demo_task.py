@@ -89,10 +89,10 @@ def test_heldout_file_for_bench_and_evaluate(tmp_path):
 
 
 TURNS_QUESTION = re.compile(
-    r"A dial shows (\d+)\. Every turn it moves (\d) forward, and after 99 it goes on from 0\. "
+    r"A dial shows (\d{2})\. Every turn it moves (\d) forward, and after 99 it goes on from 0\. "
     r"What does it show after (\d{3}) turns\?"
 )
-TURN = re.compile(r"(\d{3}) turns to go: it moves (\d), so (\d+) \+ (\d) = (\d+)\.")
+TURN = re.compile(r"(\d{3}) turns to go: it moves (\d), so (\d{2}) \+ (\d) = (\d{2})\.")
 
 
 def check_turns_problem(p):
@@ -107,8 +107,8 @@ def check_turns_problem(p):
         assert int(s[1]) == turns - t and int(s[2]) == int(s[4]) == n
         assert int(s[3]) == value and int(s[5]) == (value + n) % 100
         value = int(s[5])
-    assert p.answer == value and extract_boxed(p.thoughts[-1]) == str(value)
-    assert p.thoughts[-1] == f"000 turns to go: the dial shows \\boxed{{{value}}}."
+    assert p.answer == value and extract_boxed(p.thoughts[-1]) == f"{value:02d}"
+    assert p.thoughts[-1] == f"000 turns to go: the dial shows \\boxed{{{value:02d}}}."
     assert p.thoughts[-1].startswith(demo.TURN_CLOSING)
     assert split_steps(p.solution) == p.thoughts
     assert score(p.solution, p.eval_item())
@@ -167,7 +167,7 @@ def test_turn_steps_diagnosis():
     assert counts == dict.fromkeys(("steps",) + turn_steps.CHECKS, turns)
     steps = list(p.thoughts)
     a, b = p.counts[4], (p.counts[4] + 1) % 100
-    steps[4] = steps[4].replace(f"so {a} + ", f"so {b} + ")  # step 5 starts from a wrong value
+    steps[4] = steps[4].replace(f"so {a:02d} + ", f"so {b:02d} + ")  # step 5 starts from a wrong value
     steps[9] = steps[9].replace(f"{turns - 9:03d} turns", f"{turns - 8:03d} turns")  # and step 10 from a wrong count
     n = int(turn_steps.STEP.fullmatch(steps[14])[2])
     steps[14] = steps[14].replace(f"it moves {n},", f"it moves {n % 9 + 1},")  # step 15 names a wrong amount
@@ -179,7 +179,7 @@ def test_turn_steps_diagnosis():
     assert turn_steps.answer_end(p.question, p.solution) == dict.fromkeys(ends, True)
     on = p.thoughts[:-1] + [p.thoughts[-2].replace("001 turns", "000 turns")]
     assert turn_steps.answer_end(p.question, "\n\n".join(on)) == dict(reached=True, right_there=True, closed=False)
-    off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer}.", f"= {(p.answer + 1) % 100}.")]
+    off = p.thoughts[:-2] + [p.thoughts[-2].replace(f"= {p.answer:02d}.", f"= {(p.answer + 1) % 100:02d}.")]
     assert turn_steps.answer_end(p.question, "\n\n".join(off)) == dict(reached=True, right_there=False, closed=False)
     assert turn_steps.answer_end(p.question, "\n\n".join(p.thoughts[:-2])) == dict.fromkeys(ends, False)
     assert turn_steps.answer_start(p.question, p.solution) and turn_steps.answer_start(p.question, steps[0])
@@ -187,3 +187,7 @@ def test_turn_steps_diagnosis():
     assert not turn_steps.answer_start(p.question, "\n\n".join(steps[4:]))  # starts at a later step
     assert not turn_steps.answer_start(p.question, p.solution.replace(f"{turns:03d} turns", f"0{turns:03d} turns", 1))
     assert not turn_steps.answer_start(p.question, "Let me see.\n\n" + p.solution)
+    q = next(q for q in demo.problems("heldout", 100, task="turns") if q.counts[0] < 10)
+    assert turn_steps.answer_start(q.question, q.solution)
+    unpadded = q.solution.replace(f"so 0{q.counts[0]} + ", f"so {q.counts[0]} + ", 1)
+    assert not turn_steps.answer_start(q.question, unpadded)  # the value in two digits, as the question has it
