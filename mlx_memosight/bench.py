@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import cli
 from .errors import MemoSightError
@@ -56,7 +56,7 @@ class Run:
 
 
 WINDOW = 256  # generated tokens per point of the speed-against-length curve
-TAIL = 1000  # the speed of long answers is also given over their last this many tokens
+TAIL = 1000  # the speed of long answers is also given over the last this many tokens every row reaches
 
 
 @dataclass
@@ -109,13 +109,23 @@ class Row:
         fill the window; one value per window the longest answer fills
         (``window``: :data:`WINDOW` by default)."""
         window = window or WINDOW
-        out = []
-        for k in range(self.windows(window)):
-            a, b = k * window, (k + 1) * window
-            seconds = sum(r.times[b] - r.times[a] for r in self.runs if len(r.times) > b)
-            n = window * sum(len(r.times) > b for r in self.runs)
-            out.append(n / seconds if seconds > 0 else None)
-        return out
+        return [self.speed_between(k * window, (k + 1) * window) for k in range(self.windows(window))]
+
+    def speed_between(self, a: int, b: int) -> Optional[float]:
+        """Tokens/s over generated tokens ``a + 1`` to ``b`` after the first,
+        over all answers that reach ``b``, together; None if none does."""
+        long = [r for r in self.runs if len(r.times) > b]
+        seconds = sum(r.times[b] - r.times[a] for r in long)
+        return (b - a) * len(long) / seconds if long and seconds > 0 else None
+
+    def reaching(self, b: int) -> int:
+        """How many answers reach generated token ``b`` after the first."""
+        return sum(len(r.times) > b for r in self.runs)
+
+    @property
+    def longest(self) -> int:
+        """Generated tokens after the first of the longest answer."""
+        return max((len(r.times) - 1 for r in self.runs), default=0)
 
     def kv_by_length(self, window: Optional[int] = None) -> List[Optional[float]]:
         """Mean KV entries at the end of each window of generated tokens,
@@ -128,13 +138,6 @@ class Row:
             out.append(statistics.mean(held) if held else None)
         return out
 
-    def tail_speed(self, n: Optional[int] = None) -> Optional[float]:
-        """Tokens/s over the last ``n`` (:data:`TAIL`) tokens of the answers
-        longer than ``n``, all together; None if there are none."""
-        n = n or TAIL
-        long = [r for r in self.runs if len(r.times) > n]
-        seconds = sum(r.times[-1] - r.times[-1 - n] for r in long)
-        return n * len(long) / seconds if long and seconds > 0 else None
 
     @property
     def tps(self) -> float:
@@ -142,7 +145,9 @@ class Row:
         t = sum(r.seconds for r in self.runs)
         return self.tokens / t if t else 0.0
 
-    def summary(self) -> dict:
+    def summary(self, tail: Optional[Tuple[int, int]] = None) -> dict:
+        """The row's figures; ``tail``: the window of :func:`common_tail`
+        (generated tokens after the first) for ``tail_tokens_per_second``."""
         runs = self.runs
         known = [r.correct for r in runs if r.correct is not None]
         return dict(
@@ -157,8 +162,20 @@ class Row:
             accepted_draft_tokens=sum(r.accepted for r in runs),
             compress_events=sum(r.compress_events for r in runs),
             accuracy=(sum(known) / len(known)) if known else None,
-            tail_tokens_per_second=self.tail_speed(),
+            tail_tokens_per_second=self.speed_between(*tail) if tail else None,
+            tail_answers=self.reaching(tail[1]) if tail else None,
         )
+
+
+def common_tail(rows: Dict[str, "Row"], n: Optional[int] = None) -> Optional[Tuple[int, int]]:
+    """The last ``n`` (:data:`TAIL`) generated tokens that some answer of
+    every row reaches, as ``(a, b)`` for :meth:`Row.speed_between` (so the
+    rows are compared at the same lengths, where their caches are as long as
+    decoding to that length makes them); None if a row has no answer that
+    long."""
+    n = n or TAIL
+    b = min(row.longest for row in rows.values())
+    return (b - n, b) if b >= n else None
 
 
 def run_mlx_lm(model, tokenizer, ids, max_tokens, stop_ids) -> Run:
@@ -240,10 +257,10 @@ def format_table(rows: List[dict], baseline: str) -> str:
 
 def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
     """Tokens/s per window of :data:`WINDOW` generated tokens, one column per
-    row, and each row's speed over the last :data:`TAIL` tokens of long
-    answers against the first row's; None unless some answer fills two
-    windows."""
-    window, tail = WINDOW, TAIL
+    row, and each row's speed over the last :data:`TAIL` tokens every row
+    reaches (:func:`common_tail`) against the first row's; None unless some
+    answer fills two windows."""
+    window = WINDOW
     curves = {name: row.speed_by_length(window) for name, row in rows.items()}
     n = max(len(c) for c in curves.values())
     if n < 2:
@@ -265,11 +282,15 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
 
     lines = table(f"tokens/s by generated length (windows of {window} tokens, over the answers that reach them):",
                   speed)
-    tails = {x: rows[x].tail_speed(tail) for x in names}
-    base = tails[names[0]]  # the ratios are against the first row, when it has answers that long
-    parts = [f"{x} {t:.1f}" + (f" ({t / base:.2f}x)" if base else "") for x, t in tails.items() if t]
-    if parts:
-        lines.append(f"last {tail} tokens of answers longer than that: " + ", ".join(parts))
+    tail = common_tail(rows)
+    if tail:
+        a, b = tail
+        base = rows[names[0]].speed_between(a, b)  # the ratios are against the first row
+        parts = []
+        for x in names:
+            t, k = rows[x].speed_between(a, b), rows[x].reaching(b)
+            parts.append(f"{x} {t:.1f} over {k} answer{'s' * (k > 1)}" + (f" ({t / base:.2f}x)" if base else ""))
+        lines.append(f"tokens {a + 1:,}-{b:,}, the last {b - a:,} that every row reaches: " + ", ".join(parts))
     kv = {x: rows[x].kv_by_length(window) for x in names}
 
     def held(x, k):
@@ -675,7 +696,8 @@ def _bench(args):
         return _bench_batched(args, model_path, items, describe)
     rows = bench(model_path, items, args.max_tokens, args.draft_len, args.plain_model,
                  args.repeats, args.system, args.raw_prompt, foresight_sets=args.foresight_sets)
-    summaries = [r.summary() for r in rows.values()]
+    tail = common_tail(rows)
+    summaries = [r.summary(tail) for r in rows.values()]
     settings = rows["memosight"].settings if "memosight" in rows else {}
     note = (" - every token of a pass costs compute with this BLAS, so drafting cannot pay "
             "(README: Speed on Linux)") if reference_blas_in_use() else ""
@@ -702,6 +724,7 @@ def _bench(args):
             rows=summaries,
             kv_curves={name: [r.kv_curve for r in row.runs] for name, row in rows.items()},
             speed_window=WINDOW,
+            tail_window=[tail[0] + 1, tail[1]] if tail else None,
             speed_by_length={name: row.speed_by_length() for name, row in rows.items()},
             kv_by_length={name: row.kv_by_length() for name, row in rows.items()},
             attention_share={name: row.attention for name, row in rows.items()},

@@ -96,7 +96,8 @@ def test_bench_batched(tmp_path, capsys):
 def test_speed_against_generated_length():
     """Windows of generated tokens after the first (which prefill gives):
     tokens over the seconds they took, over the answers that fill them; the
-    tail speed over the last TAIL tokens of answers longer than that."""
+    tail speed over the last TAIL tokens that every row reaches, the same
+    tokens for every row."""
     from mlx_memosight import bench as b
 
     def run(times):
@@ -107,7 +108,8 @@ def test_speed_against_generated_length():
     row = b.Row("x", runs=[run([float(i) for i in range(9)]), run([0.5 * i for i in range(5)])])
     assert row.speed_by_length(4) == [8 / 6, 4 / 4]  # window 1: both answers; window 2: the first only
     assert row.speed_by_length(3) == [6 / 4.5, 3 / 3]
-    assert row.tail_speed(3) == 6 / 4.5 and row.tail_speed(5) == 5 / 5 and row.tail_speed(9) is None
+    assert row.speed_between(5, 8) == 3 / 3 and row.speed_between(0, 4) == 8 / 6 and row.speed_between(0, 9) is None
+    assert row.longest == 8 and row.reaching(4) == 2 and row.reaching(8) == 1
     fast = b.Row("y", runs=[run([0.25 * i for i in range(9)])])
     old = b.WINDOW, b.TAIL
     try:
@@ -115,12 +117,21 @@ def test_speed_against_generated_length():
         text = b.format_speed_by_length({"x": row, "y": fast})
         lines = text.splitlines()
         assert lines[2].split() == ["1-4", "1.3", "4.0"] and lines[3].split() == ["5-8", "1.0", "4.0"]
-        assert "last 5 tokens of answers longer than that: x 1.0 (1.00x), y 4.0 (4.00x)" in text
+        assert "tokens 4-8, the last 5 that every row reaches: x 1.0 over 1 answer (1.00x), y 4.0 over 1 answer (4.00x)" in text
         # KV at each window's end (token 4: both answers, token 8: the first only)
         assert lines[-2].split() == ["1-4", "14", "14"] and lines[-1].split() == ["5-8", "18", "18"]
-        # a first row without answers that long: speeds without ratios
+        # a row without answers that long: no tail line
         short = b.Row("s", runs=[run([0.5 * i for i in range(5)])])
-        assert "longer than that: y 4.0\n" in b.format_speed_by_length({"s": short, "y": fast})
+        assert b.common_tail({"s": short, "y": fast}) is None
+        assert "every row reaches" not in b.format_speed_by_length({"s": short, "y": fast})
+        # rows of different lengths are compared where both are: a row that slows down after token 4
+        # is not judged by its slow end against the other row's early tokens
+        slowing = b.Row("z", runs=[run([0.25 * i for i in range(5)] + [1.0 + i for i in range(1, 5)])])
+        assert b.common_tail({"s": short, "z": slowing}, 3) == (1, 4)
+        b.TAIL = 3
+        text = b.format_speed_by_length({"s": short, "z": slowing})
+        assert "tokens 2-4, the last 3 that every row reaches: s 2.0 over 1 answer (1.00x), z 4.0 over 1 answer (2.00x)" in text
+        assert short.summary((1, 4))["tail_tokens_per_second"] == 2.0 and slowing.summary()["tail_tokens_per_second"] is None
         b.WINDOW = 8
         assert b.format_speed_by_length({"x": row}) is None  # no answer fills two windows
     finally:
@@ -138,13 +149,15 @@ def test_bench_cli_prints_and_plots_speed_by_length(reasoner, tmp_path, capsys, 
                                               "--out", out], capsys)
     assert code == 0, stderr
     assert "tokens/s by generated length (windows of 8 tokens" in stdout
-    assert "last 12 tokens of answers longer than that: mlx_lm" in stdout
+    assert "the last 12 that every row reaches: mlx_lm" in stdout
     kv_table = stdout[stdout.index("KV entries at the end of each window"):].splitlines()
     first = kv_table[2].split()
     assert first[0] == "1-8" and first[1].isdigit() and first[2].startswith("(") and first[2].endswith("%)")
     d = json.loads((out / "summary.json").read_text())
     assert d["speed_window"] == 8 and len(d["speed_by_length"]["memosight"]) >= 2
-    assert all(r["tail_tokens_per_second"] > 0 for r in d["rows"])
+    assert all(r["tail_tokens_per_second"] > 0 and r["tail_answers"] >= 1 for r in d["rows"])
+    low, high = d["tail_window"]
+    assert high - low == 11 and high == min(r["generated_tokens"] for r in d["rows"]) - 1  # one prompt: its shortest answer
     shares = d["attention_share"]["memosight"]
     assert shares and all(0 <= v < 1 for v in shares.values())
     # plain decoding holds every token: its KV grows by the window each time
