@@ -35,12 +35,18 @@ def _question(question: str):
     return int(q[1]), int(q[2]), int(q[3])  # value, n, turns
 
 
+def _steps(output: str):
+    """The answer's steps (split at blank lines, stripped), each with its
+    match of the task's step form or None."""
+    steps = [text.strip() for text in output.split("\n\n")]
+    return steps, [STEP.fullmatch(text) for text in steps]
+
+
 def check_answer(question: str, output: str) -> dict:
     """Counts of steps in the task's form and of those right on each check."""
     value, amount, count = _question(question)
     counts = dict.fromkeys(("steps",) + CHECKS, 0)
-    for text in output.split("\n\n"):
-        m = STEP.fullmatch(text.strip())
+    for m in _steps(output)[1]:
         if m is None:
             continue
         c, moved, x, n, y = (int(g) for g in m.groups())
@@ -59,8 +65,8 @@ def answer_end(question: str, output: str) -> dict:
     (``right_there``), and whether the closing step comes right after it
     (``closed``)."""
     value, n, turns = _question(question)
-    steps = [text.strip() for text in output.split("\n\n")]
-    last = [(i, m) for i, text in enumerate(steps) if (m := STEP.fullmatch(text)) and int(m[1]) == 1]
+    steps, matches = _steps(output)
+    last = [(i, m) for i, m in enumerate(matches) if m and int(m[1]) == 1]
     if not last:
         return dict.fromkeys(ENDS, False)
     i, m = last[0]
@@ -73,9 +79,9 @@ def answer_start(question: str, output: str) -> bool:
     question's number of turns (three digits), its amount and its value (two
     digits), added right."""
     value, n, turns = _question(question)
-    m = STEP.fullmatch(output.split("\n\n")[0].strip())
-    return m is not None and m[1] == f"{turns:03d}" and m[3] == f"{value:02d}" and tuple(int(g) for g in m.groups()[1:]) == (
-        n, value, n, (value + n) % 100)
+    m = _steps(output)[1][0]
+    return m is not None and m[1] == f"{turns:03d}" and m[3] == f"{value:02d}" and tuple(
+        int(g) for g in m.groups()[1:]) == (n, value, n, (value + n) % 100)
 
 
 def main(argv=None):
