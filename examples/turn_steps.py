@@ -4,7 +4,9 @@
 
 RESULTS is what ``python -m mlx_memosight.evaluate --out RESULTS`` wrote for
 ``tiny-reasoner-long/heldout.jsonl``. For every step written as the task's
-steps are (``011 turns to go: it moves 7, so 95 + 7 = 02.``) it checks
+steps are (``011 turns to go: it moves 7, so 95 + 7 = 02.``; numbers are
+compared as numbers, so answers of earlier forms, whose values had no
+leading zero, read the same) it checks
 what the step had to get right: the count, one less than the previous step's
 (the question's number of turns for the first step), the amount from the
 question, the value the previous step ended with (the count and the value

@@ -138,7 +138,6 @@ class Row:
             out.append(statistics.mean(held) if held else None)
         return out
 
-
     @property
     def tps(self) -> float:
         """Generated tokens over generation time, all prompts together."""
@@ -289,7 +288,8 @@ def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
         parts = []
         for x in names:
             t, k = rows[x].speed_between(a, b), rows[x].reaching(b)
-            parts.append(f"{x} {t:.1f} over {k} answer{'s' * (k > 1)}" + (f" ({t / base:.2f}x)" if base else ""))
+            speed = "-" if t is None else f"{t:.1f}"  # None: no time passed (one pass gave them all)
+            parts.append(f"{x} {speed} over {k} answer{'s' * (k > 1)}" + (f" ({t / base:.2f}x)" if t and base else ""))
         lines.append(f"tokens {a + 1:,}-{b:,}, the last {b - a:,} that every row reaches: " + ", ".join(parts))
     kv = {x: rows[x].kv_by_length(window) for x in names}
 

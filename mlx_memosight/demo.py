@@ -159,9 +159,8 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
         f"A dial shows {value:02d}. Every turn it moves {n} forward, and after {DIAL - 1} it goes on from 0. "
         f"What does it show after {turns:03d} turns?"
     )
-    thoughts = [
-        f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]:02d} + {n} = {counts[t + 1]:02d}." for t in range(turns)
-    ]
+    thoughts = [f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]:02d} + {n} = {counts[t + 1]:02d}."
+                for t in range(turns)]
     thoughts.append(f"{TURN_CLOSING}{counts[-1]:02d}}}.")
     return Problem(question, thoughts, counts[-1], counts, f"{counts[-1]:02d}")
 

@@ -117,7 +117,8 @@ def test_speed_against_generated_length():
         text = b.format_speed_by_length({"x": row, "y": fast})
         lines = text.splitlines()
         assert lines[2].split() == ["1-4", "1.3", "4.0"] and lines[3].split() == ["5-8", "1.0", "4.0"]
-        assert "tokens 4-8, the last 5 that every row reaches: x 1.0 over 1 answer (1.00x), y 4.0 over 1 answer (4.00x)" in text
+        assert ("tokens 4-8, the last 5 that every row reaches: x 1.0 over 1 answer (1.00x), "
+                "y 4.0 over 1 answer (4.00x)") in text
         # KV at each window's end (token 4: both answers, token 8: the first only)
         assert lines[-2].split() == ["1-4", "14", "14"] and lines[-1].split() == ["5-8", "18", "18"]
         # a row without answers that long: no tail line
@@ -130,8 +131,13 @@ def test_speed_against_generated_length():
         assert b.common_tail({"s": short, "z": slowing}, 3) == (1, 4)
         b.TAIL = 3
         text = b.format_speed_by_length({"s": short, "z": slowing})
-        assert "tokens 2-4, the last 3 that every row reaches: s 2.0 over 1 answer (1.00x), z 4.0 over 1 answer (2.00x)" in text
-        assert short.summary((1, 4))["tail_tokens_per_second"] == 2.0 and slowing.summary()["tail_tokens_per_second"] is None
+        assert ("tokens 2-4, the last 3 that every row reaches: s 2.0 over 1 answer (1.00x), "
+                "z 4.0 over 1 answer (2.00x)") in text
+        assert short.summary((1, 4))["tail_tokens_per_second"] == 2.0 and slowing.summary((1, 4))["tail_answers"] == 1
+        assert slowing.summary((1, 4))["tail_tokens_per_second"] == 4.0 and slowing.summary()["tail_answers"] is None
+        # tail tokens that took no time (all from one pass): shown as "-", no ratio
+        still = b.Row("w", runs=[run([0.0] * 9)])
+        assert "s 2.0 over 1 answer (1.00x), w - over 1 answer" in b.format_speed_by_length({"s": short, "w": still})
         b.WINDOW = 8
         assert b.format_speed_by_length({"x": row}) is None  # no answer fills two windows
     finally:
@@ -157,7 +163,7 @@ def test_bench_cli_prints_and_plots_speed_by_length(reasoner, tmp_path, capsys, 
     assert d["speed_window"] == 8 and len(d["speed_by_length"]["memosight"]) >= 2
     assert all(r["tail_tokens_per_second"] > 0 and r["tail_answers"] >= 1 for r in d["rows"])
     low, high = d["tail_window"]
-    assert high - low == 11 and high == min(r["generated_tokens"] for r in d["rows"]) - 1  # one prompt: its shortest answer
+    assert high - low == 11 and high == min(r["generated_tokens"] for r in d["rows"]) - 1  # one prompt: the shortest
     shares = d["attention_share"]["memosight"]
     assert shares and all(0 <= v < 1 for v in shares.values())
     # plain decoding holds every token: its KV grows by the window each time
