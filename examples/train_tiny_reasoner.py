@@ -82,7 +82,9 @@ def build_parser():
     p.add_argument("--only", choices=["memosight", "plain"], help="train one model only")
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws the problems (and, unless --model-seed, the rest)")
+    p.add_argument("--model-seed", type=int, default=None,
+                   help="initial weights, layouts and batch order (default: --seed); the data stay --seed's")
     p.add_argument("--train-examples", type=int, default=None, help="default: 10000 (days), 6000 (turns)")
     p.add_argument("--valid-examples", type=int, default=64)
     p.add_argument("--heldout", type=int, default=200)
@@ -135,6 +137,7 @@ def parse_args(argv):
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
     args.iters = args.iters or args.train_examples
+    args.model_seed = args.seed if args.model_seed is None else args.model_seed
     args.max_position = args.max_position or max_position
     if args.learning_rate is None:
         args.learning_rate = learning_rate
@@ -246,7 +249,7 @@ def fresh_model(tokenizer, args):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    mx.random.seed(args.seed)
+    mx.random.seed(args.model_seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     return model, config
@@ -287,7 +290,7 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
 
     def dataset(split):
         examples, _ = read_jsonl(out / "data" / f"{split}.jsonl")
-        return MemoSightDataset.from_examples(examples, tokenizer, cfg, seed=args.seed, name=split,
+        return MemoSightDataset.from_examples(examples, tokenizer, cfg, seed=args.model_seed, name=split,
                                               plain=plain)
 
     train_set, valid_set = dataset("train"), dataset("valid")
@@ -309,7 +312,7 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
                          warmup=args.warmup),
         batch_size=args.batch_size, iters=args.iters, val_batches=1,
         steps_per_report=max(1, args.iters // 20), steps_per_eval=args.iters, save_every=10 ** 9,
-        max_seq_length=max(4096, longest), seed=args.seed,
+        max_seq_length=max(4096, longest), seed=args.model_seed,
     )
     checkpoints = out / f".{kind}-checkpoints"
     progress = Progress()
