@@ -98,3 +98,9 @@ def test_turns_training_mix(tmp_path, capsys):
     for r in cut[:10]:  # the cut solution is the start of the true one
         q = r["question"].removeprefix(script.PROMPT_PREFIX)
         assert by_question[q].thoughts[: len(r["thoughts_list"])] == r["thoughts_list"]
+    # --model-seed leaves the problems to --seed
+    reseeded = script.parse_args(["--task", "turns", "--train-examples", "200", "--heldout", "1", "--model-seed", "5"])
+    assert (reseeded.seed, reseeded.model_seed, args.model_seed) == (0, 5, 0)
+    (tmp_path / "again" / "data").mkdir(parents=True)
+    script.write_data(tmp_path / "again", reseeded)
+    assert (tmp_path / "again" / "data" / "train.jsonl").read_text() == (tmp_path / "data" / "train.jsonl").read_text()
