@@ -175,6 +175,7 @@ def summarize(records: List[dict], wall: Optional[float] = None) -> dict:
         mean_peak_kv_tokens=statistics.mean(r["peak_kv_tokens"] for r in records),
         max_peak_kv_tokens=max(r["peak_kv_tokens"] for r in records),
         peak_kv_vs_plain=statistics.mean(r["peak_kv_tokens"] / max(1, r["plain_kv_tokens"]) for r in records),
+        max_peak_kv_vs_plain=max(r["peak_kv_tokens"] / max(1, r["plain_kv_tokens"]) for r in records),
         compress_events=sum(r["compress_events"] for r in records),
         drafted_tokens=drafted,
         accepted_draft_tokens=sum(r["accepted_draft_tokens"] for r in records),
@@ -192,7 +193,7 @@ def format_summary(s: dict) -> str:
         f"Accuracy: {s['accuracy']:.1%} ({round(s['accuracy'] * s['items'])}/{s['items']})",
         f"Output tokens: {s['output_tokens']} ({s['mean_output_tokens']:.1f} per item)",
         f"Peak KV entries: {s['mean_peak_kv_tokens']:.1f} per item (largest {s['max_peak_kv_tokens']}), "
-        f"{s['peak_kv_vs_plain']:.0%} of plain decoding's",
+        f"{s['peak_kv_vs_plain']:.0%} of plain decoding's (largest {s['max_peak_kv_vs_plain']:.0%})",
         f"Compress events: {s['compress_events']} ({s['compress_events'] / s['items']:.1f} per item)",
         f"Drafts accepted: {acc}",
         f"Wall time: {s['wall_time']:.1f} s ({s['tokens_per_second']:.1f} output tokens/s)",

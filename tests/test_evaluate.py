@@ -73,6 +73,8 @@ def test_demo_model_on_heldout_problems(heldout, tmp_path, cli):
         assert x["peak_kv_tokens"] < 0.5 * x["plain_kv_tokens"]
         assert x["prediction"] == extract_boxed(x["output"]) != "error"
         assert x["correct"] == score(x["output"], {"answer": x["answer"], "kind": "gsm8k"})
+    shares = [x["peak_kv_tokens"] / x["plain_kv_tokens"] for x in recs]
+    assert f"of plain decoding's (largest {max(shares):.0%})" in r.stdout
 
 
 def test_batch_size_gives_the_same_records(tmp_path, cli):
