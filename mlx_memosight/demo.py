@@ -146,10 +146,11 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
 
     Each step counts the turns still to go (``016 turns to go: it moves 9, so
     89 + 9 = 98.``; values in two digits, ``so 95 + 7 = 02.``), down to the
-    closing ``000 turns to go: the dial shows \\boxed{..}.``: a step needs from before it only the count and the value
-    the previous step ended with (what a compressed step's memory entries
-    carry), and the answer ends where the count reaches zero, read off the
-    step being written rather than found by comparing numbers."""
+    closing ``000 turns to go: the dial shows \\boxed{..}.``: a step needs
+    from before it only the count and the value the previous step ended
+    with (what a compressed step's memory entries carry), and the answer
+    ends where the count reaches zero, read off the step being written
+    rather than found by comparing numbers."""
     value = int(rng.integers(DIAL))
     n = int(rng.integers(3, 10))
     fewest, most = steps_range or (MIN_TURNS, MAX_TURNS)
@@ -161,8 +162,9 @@ def make_turns_problem(rng: np.random.Generator, steps_range=None) -> Problem:
     )
     thoughts = [f"{turns - t:03d} turns to go: it moves {n}, so {counts[t]:02d} + {n} = {counts[t + 1]:02d}."
                 for t in range(turns)]
-    thoughts.append(f"{TURN_CLOSING}{counts[-1]:02d}}}.")
-    return Problem(question, thoughts, counts[-1], counts, f"{counts[-1]:02d}")
+    shown = f"{counts[-1]:02d}"
+    thoughts.append(f"{TURN_CLOSING}{shown}}}.")
+    return Problem(question, thoughts, counts[-1], counts, shown)
 
 
 # the forms make_turns_problem writes, for tools that read answers back
