@@ -53,6 +53,7 @@ class Run:
     cost_source: str = ""
     pass_tokens: int = 0  # tokens fed over all passes (0: one per pass)
     times: List[float] = field(default_factory=list)  # per token, seconds after the first token
+    text_tokens: int = 0  # the decoded answer as the tokenizer encodes it (no splitters)
 
 
 WINDOW = 256  # generated tokens per point of the speed-against-length curve
@@ -144,6 +145,14 @@ class Row:
         t = sum(r.seconds for r in self.runs)
         return self.tokens / t if t else 0.0
 
+    @property
+    def text_tps(self) -> float:
+        """Answer text over generation time: tokens of the decoded answers as
+        the tokenizer encodes them, the text a plain model writes, without
+        MemoSight's splitters and the tokens its step boundaries add."""
+        t = sum(r.seconds for r in self.runs)
+        return sum(r.text_tokens for r in self.runs) / t if t else 0.0
+
     def summary(self, tail: Optional[Tuple[int, int]] = None) -> dict:
         """The row's figures; ``tail``: the window of :func:`common_tail`
         (generated tokens after the first) for ``tail_tokens_per_second``."""
@@ -154,6 +163,8 @@ class Row:
             prompts=len(runs),
             generated_tokens=self.tokens,
             tokens_per_second=self.tps,
+            text_tokens=sum(r.text_tokens for r in runs),
+            text_tokens_per_second=self.text_tps,
             passes_per_token=sum(r.passes for r in runs) / max(1, self.tokens),
             peak_kv_tokens=max(r.peak_kv for r in runs),
             mean_peak_kv_tokens=statistics.mean(r.peak_kv for r in runs),
@@ -252,6 +263,20 @@ def format_table(rows: List[dict], baseline: str) -> str:
             f"{r['compress_events']:>10}{acc:>10}"
         )
     return "\n".join(lines)
+
+
+def format_text_speed(rows: List[dict]) -> Optional[str]:
+    """Answer text per second of each row against the first, where some
+    row's output has more tokens than its text (MemoSight's splitters and
+    step boundaries): its tok/s counts them, a plain model's text would not."""
+    if not rows or all(r["text_tokens"] >= r["generated_tokens"] for r in rows):
+        return None
+    base = rows[0]["text_tokens_per_second"]
+    parts = [f"{r['config']} {r['text_tokens_per_second']:.1f}"
+             + (f" ({r['text_tokens_per_second'] / base:.2f}x)" if base and r is not rows[0] else "")
+             for r in rows]
+    return ("answer text per second (tokens of the decoded answers as the tokenizer encodes them, "
+            "no splitters): " + ", ".join(parts))
 
 
 def format_speed_by_length(rows: Dict[str, Row]) -> Optional[str]:
@@ -435,9 +460,10 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
                     best[name] = r
         for name, r in best.items():
             tok = lm_tok if name == "mlx_lm" else tokenizer
+            answer = decode_answer(tok, r.tokens, cfg if name != "mlx_lm" else lm_cfg)
+            r.text_tokens = len(tok.encode(answer, add_special_tokens=False))
             if "answer" in item:
-                r.correct = score(decode_answer(tok, r.tokens, cfg if name != "mlx_lm" else lm_cfg),
-                                  item)
+                r.correct = score(answer, item)
             rows[name].runs.append(r)
         if cfg is not None:
             ref = best["no-foresight"].tokens
@@ -620,8 +646,18 @@ def format_batched(runs: List[BatchRun]) -> str:
 
 
 def decode_answer(tokenizer, tokens, cfg) -> str:
-    drop = {cfg.token_ids.splitter, cfg.token_ids.eos} if cfg is not None else set()
-    return tokenizer.decode([t for t in tokens if t not in drop])
+    """The answer's text as generation shows it (:class:`TextStream`): each
+    step decoded on its own and a splitter read as a newline."""
+    if cfg is None:
+        return tokenizer.decode(tokens)
+    steps, step = [], []
+    for t in tokens:
+        if t == cfg.token_ids.splitter:
+            steps.append(step)
+            step = []
+        elif t != cfg.token_ids.eos:
+            step.append(t)
+    return "\n".join(tokenizer.decode(x) for x in steps + [step])
 
 
 def build_parser():
@@ -707,6 +743,9 @@ def _bench(args):
         print(f"drafting in the memosight row: {rows['memosight'].drafting()}")
     if "memosight" in rows and rows["memosight"].bound():
         print(f"bound of the memosight row at this machine's pass cost: {rows['memosight'].bound()}")
+    text = format_text_speed(summaries)
+    if text:
+        print(text)
     by_length = format_speed_by_length(rows)
     if by_length:
         print(by_length)

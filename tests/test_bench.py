@@ -3,7 +3,7 @@
 import json
 
 from helpers import run_command
-from mlx_memosight.bench import bench, format_table, main
+from mlx_memosight.bench import bench, decode_answer, format_table, format_text_speed, main
 
 
 def test_bench_rows_and_outputs(reasoner, tmp_path):
@@ -23,6 +23,29 @@ def test_bench_rows_and_outputs(reasoner, tmp_path):
     mine = next(line for line in table.splitlines() if line.startswith("memosight"))
     kv = by["memosight"]["mean_peak_kv_tokens"] / by["mlx_lm"]["mean_peak_kv_tokens"]
     assert f"{kv:.2f}x" in mine
+
+
+def test_answer_text_is_the_generated_text():
+    """The bench scores and counts the text generation shows: splitters read
+    as newlines, each step decoded on its own; the text encodes to fewer
+    tokens than the output (no splitters), and only then is a line printed."""
+    from mlx_memosight.demo import demo_model_path, heldout_items
+    from mlx_memosight.generation import generate
+    from mlx_memosight.loading import load
+    from mlx_memosight.scoring import eval_prompt
+
+    model, tok = load(demo_model_path())
+    cfg = model.memosight_config
+    r = generate(model, tok, eval_prompt(heldout_items(1)[0]), 400)
+    assert cfg.token_ids.splitter in r.token_ids
+    text = decode_answer(tok, r.token_ids, cfg)
+    assert text == r.text
+    n = len(tok.encode(text, add_special_tokens=False))
+    assert n < len(r.token_ids)
+    rows = [dict(config="mlx_lm", generated_tokens=n, text_tokens=n, text_tokens_per_second=100.0),
+            dict(config="memosight", generated_tokens=len(r.token_ids), text_tokens=n, text_tokens_per_second=150.0)]
+    assert format_text_speed(rows).endswith("mlx_lm 100.0, memosight 150.0 (1.50x)")
+    assert format_text_speed([dict(rows[0]), dict(rows[0], config="plain")]) is None
 
 
 def test_bench_bound_counts_the_tokens_each_pass_fed(reasoner):
@@ -59,6 +82,7 @@ def test_bench_cli_writes_summary_and_plots(reasoner, tmp_path, capsys):
     assert "base: mlx_lm (plain model)" in stdout and "0.00x" not in stdout
     d = json.loads((out / "summary.json").read_text())
     assert {row["config"] for row in d["rows"]} >= {"mlx_lm (plain model)", "memosight"}
+    assert all(row["text_tokens_per_second"] > 0 for row in d["rows"])
     assert (out / "kv_curve.png").stat().st_size > 1000
     assert (out / "tokens_per_second.png").stat().st_size > 1000
 
