@@ -418,9 +418,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
 
     model, tokenizer = load(model_path)
     cfg = model.memosight_config
-    stop = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if cfg is not None:
-        stop.add(cfg.token_ids.eos)
+    stop = stop_set(tokenizer, cfg)
     plain = None
     if plain_model_path is not None:
         plain = load(plain_model_path)
@@ -442,9 +440,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
         lm_model, lm_tok = plain if plain is not None else (model, tokenizer)
         lm_cfg = lm_model.memosight_config if plain is not None else cfg
         lm_ids = prompt_ids(lm_tok, text, lm_cfg, system, raw_prompt)
-        lm_stop = set(getattr(lm_tok, "eos_token_ids", None) or [])
-        if lm_cfg is not None:
-            lm_stop.add(lm_cfg.token_ids.eos)
+        lm_stop = stop_set(lm_tok, lm_cfg)
         jobs = {"mlx_lm": lambda: run_mlx_lm(lm_model, lm_tok, lm_ids, max_tokens, lm_stop)}
         for name, kw in configs.items():
             jobs[name] = (lambda kw=kw: run_engine(model, tokenizer, ids, max_tokens, **kw))
@@ -460,7 +456,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
                     best[name] = r
         for name, r in best.items():
             tok = lm_tok if name == "mlx_lm" else tokenizer
-            answer = decode_answer(tok, r.tokens, cfg if name != "mlx_lm" else lm_cfg)
+            answer = decode_answer(tok, r.tokens, *((lm_cfg, lm_stop) if name == "mlx_lm" else (cfg, stop)))
             r.text_tokens = len(tok.encode(answer, add_special_tokens=False))
             if "answer" in item:
                 r.correct = score(answer, item)
@@ -576,9 +572,8 @@ def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_
     cfg = model.memosight_config
     lm_model, lm_tok = load(plain_model_path) if plain_model_path is not None else (model, tokenizer)
     lm_cfg = lm_model.memosight_config
-    lm_stop = set(getattr(lm_tok, "eos_token_ids", None) or [])
-    if lm_cfg is not None:
-        lm_stop.add(lm_cfg.token_ids.eos)
+    lm_stop = stop_set(lm_tok, lm_cfg)
+    stop = stop_set(tokenizer, cfg)
     texts = [item.get("prompt", item["question"]) for item in prompts]
     ids = [prompt_ids(tokenizer, t, cfg, system, raw_prompt) for t in texts]
     lm_ids = [prompt_ids(lm_tok, t, lm_cfg, system, raw_prompt) for t in texts]
@@ -598,11 +593,11 @@ def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_
         for name in ("mlx_lm", "memosight"):
             if name == "mlx_lm":
                 r = run_mlx_lm_batched(lm_model, lm_ids, max_tokens, lm_stop, bs)
-                tok, c = lm_tok, lm_cfg
+                tok, c, s = lm_tok, lm_cfg, lm_stop
             else:
                 r = run_engine_batched(model, tokenizer, ids, max_tokens, bs, **engine_options)
-                tok, c = tokenizer, cfg
-            r.correct = [score(decode_answer(tok, t, c), item) if "answer" in item else None
+                tok, c, s = tokenizer, cfg, stop
+            r.correct = [score(decode_answer(tok, t, c, s), item) if "answer" in item else None
                          for t, item in zip(r.tokens, prompts)]
             runs.append(r)
             if bar is not None:
@@ -645,25 +640,24 @@ def format_batched(runs: List[BatchRun]) -> str:
     return "\n".join(lines)
 
 
-def decode_answer(tokenizer, tokens, cfg) -> str:
-    """The answer's text as generation shows it (:class:`TextStream`): each
-    step decoded on its own and a splitter read as a newline."""
-    if cfg is None:
-        return tokenizer.decode(tokens)
-    steps, step = [], []
-    for t in tokens:
-        if t == cfg.token_ids.splitter:
-            steps.append(step)
-            step = []
-        elif t != cfg.token_ids.eos:
-            step.append(t)
-    return "\n".join(tokenizer.decode(x) for x in steps + [step])
+def stop_set(tokenizer, cfg) -> set:
+    """The tokens that end a model's answer: the tokenizer's EOS ids and the
+    template's."""
+    from .generation import stop_ids
+
+    return set(stop_ids(tokenizer)) | ({cfg.token_ids.eos} if cfg is not None else set())
+
+
+def decode_answer(tokenizer, tokens, cfg, stop) -> str:
+    """The answer's text as generation shows it (:func:`decode_text`)."""
+    from .generation import decode_text
+
+    return decode_text(tokenizer, tokens, cfg, stop)
 
 
 def build_parser():
     p = cli.ArgumentParser(prog="mlx_memosight.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="MemoSight model folder or .gguf file (default: the packaged demo "
-                   "model)")
+    p.add_argument("--model", help=cli.MODEL_HELP)
     p.add_argument("--plain-model", help="a plain (SFT) model for the mlx_lm row")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")

@@ -112,12 +112,13 @@ def _options(settings: dict) -> GenerationOptions:
 def make_record(item: dict, text: str, stats, wall: float, settings: dict, tokenizer) -> dict:
     """The result record of one item. ``text_kv_tokens``: what plain decoding
     of the same text would hold at its end, the prompt plus the answer text as
-    the tokenizer encodes it. MemoSight's own output has more tokens than
-    that text (each step's splitter, and the tokens a step boundary adds), and
-    ``plain_kv_tokens`` counts them; a plain model writing this text would
-    not."""
+    the tokenizer encodes it (plus the end of sequence, where the answer
+    ended on one, as ``plain_kv_tokens`` counts it). MemoSight's own output
+    has more tokens than that text (each step's splitter, and the tokens a
+    step boundary adds), and ``plain_kv_tokens`` counts them; a plain model
+    writing this text would not."""
     st = stats.to_dict()
-    prompt_tokens = st["plain_kv_tokens"] - st["generated_tokens"]
+    text_tokens = len(tokenizer.encode(text, add_special_tokens=False)) + (st["finish_reason"] == "stop")
     return dict(
         id=item_id(item),
         subject=item.get("subject", ""),
@@ -127,7 +128,7 @@ def make_record(item: dict, text: str, stats, wall: float, settings: dict, token
         correct=bool(score(text, item)),
         output_tokens=st["generated_tokens"],
         **{k: st[k] for k in RECORD_STATS},
-        text_kv_tokens=prompt_tokens + len(tokenizer.encode(text, add_special_tokens=False)),
+        text_kv_tokens=st["prompt_tokens"] + text_tokens,
         wall_time=round(wall, 4),
         generation_tps=round(st["generation_tps"], 2),
         output=text,
@@ -285,7 +286,7 @@ def build_parser():
         prog="mlx_memosight.evaluate",
         description="Evaluate a model on an eval set with the reference's prompt and scoring.",
     )
-    p.add_argument("--model", help="model folder or .gguf file (default: the packaged demo model)")
+    p.add_argument("--model", help=cli.MODEL_HELP)
     p.add_argument("--data", required=True,
                    help="eval file: the reference's JSON format (subject -> items) or JSON lines")
     p.add_argument("--limit", type=int, help="evaluate the first N items (default: all)")

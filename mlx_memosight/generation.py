@@ -118,21 +118,25 @@ class TextStream:
         self.stop = set(stop)
         self.held: Optional[GenerationResponse] = None
 
-    def feed(self, event, st: GenerationStats) -> Optional[GenerationResponse]:
-        """The response before this token's, now complete (None at first)."""
-        t = event.token
+    def text_of(self, t: int) -> str:
+        """The text this token adds (part of it may come with later ones)."""
         d = self.detokenizer
         if t in self.stop:
-            segment = ""
-        elif t == self.splitter:
+            return ""
+        if t == self.splitter:
             if self.newline is not None:
                 d.add_token(self.newline)
             d.finalize()
             segment = d.last_segment
             d.reset()
-        else:
-            d.add_token(t)
-            segment = d.last_segment
+            return segment
+        d.add_token(t)
+        return d.last_segment
+
+    def feed(self, event, st: GenerationStats) -> Optional[GenerationResponse]:
+        """The response before this token's, now complete (None at first)."""
+        t = event.token
+        segment = self.text_of(t)
         out, self.held = self.held, GenerationResponse(
             text=segment,
             token=t,
@@ -160,6 +164,14 @@ class TextStream:
             last.finish_reason = st.finish_reason
             last.generation_tps = st.generation_tps
         return last
+
+
+def decode_text(tokenizer, tokens: Sequence[int], cfg: Optional[MemoSightConfig], stop: Sequence[int]) -> str:
+    """The text generation shows for committed ``tokens`` (:class:`TextStream`'s)."""
+    stream = TextStream(tokenizer, cfg, stop)
+    text = "".join(stream.text_of(t) for t in tokens)
+    stream.detokenizer.finalize()
+    return text + stream.detokenizer.last_segment
 
 
 def stream_generate(

@@ -3,7 +3,7 @@
 import json
 
 from helpers import run_command
-from mlx_memosight.bench import bench, decode_answer, format_table, format_text_speed, main
+from mlx_memosight.bench import bench, decode_answer, format_table, format_text_speed, main, stop_set
 
 
 def test_bench_rows_and_outputs(reasoner, tmp_path):
@@ -38,7 +38,7 @@ def test_answer_text_is_the_generated_text():
     cfg = model.memosight_config
     r = generate(model, tok, eval_prompt(heldout_items(1)[0]), 400)
     assert cfg.token_ids.splitter in r.token_ids
-    text = decode_answer(tok, r.token_ids, cfg)
+    text = decode_answer(tok, r.token_ids, cfg, stop_set(tok, cfg))
     assert text == r.text
     n = len(tok.encode(text, add_special_tokens=False))
     assert n < len(r.token_ids)
