@@ -19,8 +19,10 @@ Steps (each timed; the total is printed at the end):
    :func:`mlx_memosight.train.train` (full fine-tuning) on the same examples
    with the same steps, batch size and learning-rate schedule: a MemoSight
    model (joint LM + foresight loss, memory tokens) written to
-   ``mlx_memosight/demo_model`` (``--demo-dir``), and a plain model (ordinary
-   SFT on the same text) written to ``OUT/plain``.
+   ``mlx_memosight/demo_model``, or ``mlx_memosight/long_demo_model`` with
+   ``--task turns`` (``--demo-dir``; the packaged models, which a default run
+   replaces), and a plain model (ordinary SFT on the same text) written to
+   ``OUT/plain``.
 
 Then compare them on the held-out problems::
 
@@ -78,7 +80,7 @@ def build_parser():
     p.add_argument("--out", default=None, help="folder for data, tokenizer and the plain model "
                    "(default: tiny-reasoner, or tiny-reasoner-long for --task turns)")
     p.add_argument("--demo-dir", default=None, help="where the MemoSight model goes (default: "
-                   "mlx_memosight/demo_model, or OUT/memosight for --task turns)")
+                   "mlx_memosight/demo_model, or mlx_memosight/long_demo_model for --task turns)")
     p.add_argument("--only", choices=["memosight", "plain"], help="train one model only")
     p.add_argument("--jobs", type=int, default=2, help="models trained at once (1: one after the other)")
     p.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
@@ -100,7 +102,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=None, help="default: 5e-4 (days), 1e-3 (turns)")
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--compression-ratio", type=int, default=12)
+    p.add_argument("--compression-ratio", type=int, default=None,
+                   help="default: 12 (days), 16 (turns: its steps of about 25 tokens then keep 2 memory entries, "
+                   "not 3)")
     p.add_argument("--max-offset", type=int, default=3)
     p.add_argument("--draft-len", type=int, default=2)
     p.add_argument("--short-share", type=float, default=0.5,
@@ -119,8 +123,9 @@ def build_parser():
     return p
 
 
-# per task: defaults of (--out, --train-examples, --max-position, --learning-rate)
-TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048, 5e-4), "turns": ("tiny-reasoner-long", 6000, 8192, 1e-3)}
+# per task: defaults of (--out, --train-examples, --max-position, --learning-rate, --compression-ratio)
+TASK_DEFAULTS = {"days": ("tiny-reasoner", 10000, 2048, 5e-4, 12),
+                 "turns": ("tiny-reasoner-long", 6000, 8192, 1e-3, 16)}
 
 
 def parse_args(argv):
@@ -133,7 +138,8 @@ def parse_args(argv):
     elif not 0 <= args.prefix_share < 1 - args.short_share:
         parser.error(f"--prefix-share must be in [0, 1 - --short-share) = [0, {1 - args.short_share:g}), got "
                      f"{args.prefix_share}: some training problems must be whole long ones")
-    out, examples, max_position, learning_rate = TASK_DEFAULTS[args.task]
+    out, examples, max_position, learning_rate, ratio = TASK_DEFAULTS[args.task]
+    args.compression_ratio = args.compression_ratio or ratio
     args.out = args.out or out
     args.train_examples = args.train_examples or examples
     args.iters = args.iters or args.train_examples
@@ -142,7 +148,7 @@ def parse_args(argv):
     if args.learning_rate is None:
         args.learning_rate = learning_rate
     if args.demo_dir is None:
-        args.demo_dir = str(demo.DEMO_DIR) if args.task == "days" else str(Path(args.out) / "memosight")
+        args.demo_dir = str(demo.DEMO_DIR if args.task == "days" else demo.LONG_DIR)
     return args
 
 
@@ -310,7 +316,8 @@ def build(kind: str, tok_dir: Path, args, out: Path, clock: Clock):
         learning_rate=args.learning_rate,
         lr_schedule=dict(name="cosine_decay", arguments=[args.learning_rate, args.iters, args.learning_rate / 20],
                          warmup=args.warmup),
-        batch_size=args.batch_size, iters=args.iters, val_batches=1,
+        # validation: every --valid-examples problem, at the start and the end
+        batch_size=args.batch_size, iters=args.iters, val_batches=-1,
         steps_per_report=max(1, args.iters // 20), steps_per_eval=args.iters, save_every=10 ** 9,
         max_seq_length=max(4096, longest), seed=args.model_seed,
     )

@@ -17,7 +17,7 @@ HELP = "/reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer"
 
 def build_parser():
     p = cli.ArgumentParser(prog="mlx_memosight.chat", description="Chat with a MemoSight model in the terminal.")
-    p.add_argument("--model", help="MLX model folder or .gguf file (default: the packaged demo model)")
+    p.add_argument("--model", help=cli.MODEL_HELP)
     p.add_argument("--adapter-path", help="MemoSight adapters (mlx_memosight.lora) to load into --model")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt (default: the template's)")
     add_arguments(p, GenerationOptions)

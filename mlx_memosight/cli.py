@@ -42,6 +42,10 @@ def _flags(parser: argparse.ArgumentParser) -> Dict[str, Tuple[str, argparse.Act
     return out
 
 
+# --model's help wherever a command loads one model
+MODEL_HELP = ("MLX model folder or .gguf file (default: the packaged demo model; long-demo: the packaged "
+              "long-reasoning model)")
+
 _ASSIGNMENT = re.compile(r"(?<![\w.-])([a-z_][a-z0-9_]*)=([^\s,;:)]+)")
 
 

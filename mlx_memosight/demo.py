@@ -30,8 +30,8 @@ once the previous step was evicted), the counts keep their fixed width (the
 fourth form dropped it, and models trained on it no longer carried the
 count), and so, since the sixth form, do the values (with one-digit values a
 step was a token shorter than the one before it, and most of the fifth
-form's count errors came in the step after). README (Long reasoning) has
-what models trained on each form got right.
+form's count errors came in the step after). docs/long-reasoning/forms.md
+has what models trained on each form got right.
 
 Problems are drawn from a seeded generator; the split of a problem (train,
 valid or held-out) is a hash of its question, so the splits never overlap
@@ -50,6 +50,7 @@ import numpy as np
 from .config import ConfigError
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
+LONG_DIR = Path(__file__).parent / "long_demo_model"  # trained on ``turns``
 KIND = "gsm8k"  # scored as a number, like GSM8K
 SPLITS = ("train", "valid", "heldout")
 MIN_DAYS, MAX_DAYS = 10, 14
@@ -74,12 +75,19 @@ VERBS = [("buys", "sells"), ("finds", "loses"), ("gets", "gives"), ("wins", "los
 
 def demo_model_path() -> Path:
     """The folder of the demo model shipped with the package."""
-    if not (DEMO_DIR / "config.json").exists():
-        raise ConfigError(
-            f"no model given and the demo model is not installed ({DEMO_DIR} is missing); "
-            "give model=PATH"
-        )
-    return DEMO_DIR
+    return packaged_model_path("demo")
+
+
+# Models shipped with the package, by the name --model takes for them
+PACKAGED = {"demo": DEMO_DIR, "long-demo": LONG_DIR}
+
+
+def packaged_model_path(name: str) -> Path:
+    """The folder of a model shipped with the package (:data:`PACKAGED`)."""
+    path = PACKAGED[name]
+    if not (path / "config.json").exists():
+        raise ConfigError(f"the packaged model {name!r} is not installed ({path} is missing); give model=PATH")
+    return path
 
 
 @dataclass

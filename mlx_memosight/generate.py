@@ -27,7 +27,7 @@ def build_parser():
         prog="mlx_memosight.generate",
         description="Generate with MemoSight: foresight drafting and memory compression.",
     )
-    p.add_argument("--model", help="MLX model folder or .gguf file (default: the packaged demo model)")
+    p.add_argument("--model", help=cli.MODEL_HELP)
     p.add_argument("--adapter-path", help="MemoSight adapters (mlx_memosight.lora) to load into --model")
     p.add_argument("--prompt", "-p", required=True, help="the question ('-' reads stdin)")
     p.add_argument("--system", "--system-prompt", dest="system",

@@ -205,11 +205,14 @@ def is_mlx_folder(path) -> bool:
 
 
 def resolve_model(path) -> Path:
-    """``path``, or the packaged demo model when it is None."""
-    if path is None:
-        from .demo import demo_model_path
+    """``path``, the packaged demo model when it is None, or a packaged model
+    by name (``demo``, ``long-demo``) when no file or folder has that name."""
+    from .demo import PACKAGED, demo_model_path, packaged_model_path
 
+    if path is None:
         return demo_model_path()
+    if str(path) in PACKAGED and not Path(path).exists():
+        return packaged_model_path(str(path))
     return Path(path)
 
 

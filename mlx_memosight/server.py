@@ -621,7 +621,7 @@ def build_parser():
         description="Serve a MemoSight model behind the OpenAI (/v1/chat/completions, /v1/completions, "
                     "/v1/models) and Anthropic (/v1/messages) APIs.",
     )
-    p.add_argument("--model", help="MLX model folder or .gguf file (default: the packaged demo model)")
+    p.add_argument("--model", help=cli.MODEL_HELP)
     p.add_argument("--adapter-path", help="MemoSight adapters (mlx_memosight.lora) to load into --model")
     add_arguments(p, ServerOptions)
     return p

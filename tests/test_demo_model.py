@@ -8,15 +8,19 @@ import tomllib
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from mlx_memosight import demo, load
+from mlx_memosight.loading import resolve_model
 from mlx_memosight.config import MemoSightConfig
 from mlx_memosight.scoring import eval_prompt, extract_boxed
 
 
-def test_shipped_files_and_size():
-    path = demo.demo_model_path()
+@pytest.mark.parametrize("name", sorted(demo.PACKAGED))
+def test_shipped_files_and_size(name):
+    path = resolve_model(name)
+    assert path == demo.PACKAGED[name]
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "memosight.json", "tokenizer.json",
             "tokenizer_config.json"} <= names
@@ -27,8 +31,9 @@ def test_shipped_files_and_size():
     assert config["model_type"] == "llama"
     # installed with the package
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "mlx_memosight.demo_model" in pyproject["tool"]["setuptools"]["packages"]
-    assert pyproject["tool"]["setuptools"]["package-data"]["mlx_memosight.demo_model"] == ["*"]
+    package = f"mlx_memosight.{path.name}"
+    assert package in pyproject["tool"]["setuptools"]["packages"]
+    assert pyproject["tool"]["setuptools"]["package-data"][package] == ["*"]
     assert pyproject["project"]["scripts"]["mlx_memosight.evaluate"] == "mlx_memosight.evaluate:main"
 
 
@@ -103,3 +108,28 @@ def test_pipeline_bench_script():
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("draft 3", "policy", "compression", "plain"))]
     assert len(rows) == 5 and "op by op" in r.stdout, r.stdout
+
+
+def test_packaged_names_yield_to_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "long-demo").mkdir()
+    assert resolve_model("long-demo").resolve() == tmp_path / "long-demo"
+    assert resolve_model("demo") == demo.DEMO_DIR and resolve_model(None) == demo.DEMO_DIR
+
+
+def test_long_demo_model_answers_a_long_problem(tmp_path):
+    """The packaged long-reasoning model works a held-out problem of 64 and
+    more turns through, one compress event per finished turn, and holds a
+    fraction of the entries plain decoding holds."""
+    problem = min(demo.problems("heldout", 20, task="turns"), key=lambda p: len(p.thoughts))
+    stats = tmp_path / "stats.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_memosight.generate", "--model", "long-demo", "--prompt",
+         eval_prompt(problem.eval_item()), "--max-tokens", "7200", "--stats-json", str(stats)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert extract_boxed(r.stdout) == problem.eval_item()["answer"], r.stdout[-300:]
+    d = json.loads(stats.read_text())
+    assert d["compress_events"] >= len(problem.thoughts) - 2 >= demo.MIN_TURNS - 1
+    assert d["peak_kv_tokens"] < 0.25 * d["plain_kv_tokens"]

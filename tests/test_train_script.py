@@ -87,6 +87,11 @@ def test_turns_training_mix(tmp_path, capsys):
     assert len({len(r["thoughts_list"]) for r in cut}) > 10  # cut at many lengths
     defaults = script.parse_args(["--task", "turns"])
     assert (defaults.short_share, defaults.prefix_share) == (0.5, 0.4)
+    # the long task's model is the packaged long-demo one, at its own compression ratio
+    assert (defaults.demo_dir, defaults.compression_ratio) == (str(demo.LONG_DIR), 16)
+    days = script.parse_args([])
+    assert (days.demo_dir, days.compression_ratio) == (str(demo.DEMO_DIR), 12)
+    assert script.parse_args(["--task", "turns", "--compression-ratio", "12"]).compression_ratio == 12
     assert script.parse_args(["--task", "turns", "--short-share", "0.8"]).prefix_share == pytest.approx(0.1)
     with pytest.raises(SystemExit):
         script.parse_args(["--task", "turns", "--short-share", "0.6", "--prefix-share", "0.4"])
