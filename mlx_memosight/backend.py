@@ -91,12 +91,13 @@ def describe() -> str:
 
 
 def median_seconds(keys: Sequence, run: Callable, rounds: int = 7, warmup: int = 2,
-                   reset: Optional[Callable] = None) -> Dict:
+                   reset: Optional[Callable] = None, statistic: Callable = statistics.median) -> Dict:
     """Median seconds of ``run(key)`` for each of ``keys``: the keys
     interleaved within each round, so a slow spell of the machine spreads
     over all of them instead of skewing one; ``warmup`` untimed rounds first;
     ``reset(key)``, untimed, before every run. The median resists the odd
-    slow run when other work shares the machine."""
+    slow run when other work shares the machine; ``statistic=min`` gives the
+    fastest run instead, the one least disturbed."""
     times = {k: [] for k in keys}
     for r in range(warmup + rounds):
         for k in keys:
@@ -106,20 +107,22 @@ def median_seconds(keys: Sequence, run: Callable, rounds: int = 7, warmup: int =
             run(k)
             if r >= warmup:
                 times[k].append(time.perf_counter() - tic)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistic(v) for k, v in times.items()}
 
 
 def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
-               warmup: int = 2) -> Dict[int, float]:
-    """Median seconds of one forward pass of each size in ``sizes``: the
-    model's own call (causal, contiguous positions) over a KV cache of
-    ``cached`` entries, the sizes interleaved, ``warmup`` untimed rounds
-    first. Results are kept on the model, so each (cache, size) is measured
-    once per loaded model."""
+               warmup: int = 2, statistic: Callable = statistics.median) -> Dict[int, float]:
+    """Median seconds (or ``statistic``'s, see :func:`median_seconds`) of one
+    forward pass of each size in ``sizes``: the model's own call (causal,
+    contiguous positions) over a KV cache of ``cached`` entries, the sizes
+    interleaved, ``warmup`` untimed rounds first. Results are kept on the
+    model, so each (cache, size, statistic) is measured once per loaded
+    model."""
     from mlx_lm.models.cache import make_prompt_cache
 
     memo = model.__dict__.setdefault("_memosight_pass_costs", {})
-    todo = [T for T in sizes if (cached, T) not in memo]
+    tag = () if statistic is statistics.median else (statistic.__name__,)
+    todo = [T for T in sizes if (cached, T, *tag) not in memo]
     if todo:
         vocab = model.args.vocab_size
         cache = make_prompt_cache(model)
@@ -131,9 +134,10 @@ def pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
             mx.eval(model(passes[T], cache=cache))
             fed[0] = T
 
-        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: [c.trim(fed[0]) for c in cache])
-        memo.update({(cached, T): t for T, t in times.items()})
-    return {T: memo[cached, T] for T in sizes}
+        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: [c.trim(fed[0]) for c in cache],
+                               statistic=statistic)
+        memo.update({(cached, T, *tag): t for T, t in times.items()})
+    return {T: memo[(cached, T, *tag)] for T in sizes}
 
 
 def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int = 2,

@@ -1095,7 +1095,8 @@ class _State:
 
 def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: int = 7,
                         warmup: int = 2) -> dict:
-    """Median seconds of a decoding pass of each size in ``sizes`` as this
+    """Seconds of a decoding pass of each size in ``sizes`` (the fastest of
+    ``rounds``; see :data:`mlx_memosight.policy.MEASURED_ON`) as this
     engine runs it: one compiled function over the cache's buffers where it
     compiles passes (:meth:`Engine._call_compiled`), else mlx-lm's model call
     built op by op (:func:`mlx_memosight.backend.pass_costs`), over a cache
@@ -1112,7 +1113,7 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
             or cached + max(sizes) >= context):
         # the engine builds these passes op by op (or the model's context is too short to time them
         # this way): mlx-lm's model call is the same work
-        return pass_costs(model, sizes, cached=cached, rounds=rounds, warmup=warmup)
+        return pass_costs(model, sizes, cached=cached, rounds=rounds, warmup=warmup, statistic=min)
     memo = model.__dict__.setdefault("_memosight_decoding_pass_costs", {})
     todo = [T for T in sizes if (cached, T) not in memo]
     if todo:
@@ -1133,6 +1134,7 @@ def decoding_pass_costs(model, sizes: Sequence[int], cached: int = 64, rounds: i
                 raise RuntimeError(f"a {T}-token pass over {start} entries did not run compiled")
             mx.eval(logits, cache.state_arrays())
 
-        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: cache.trim(cache.length - start))
+        times = median_seconds(todo, run, rounds, warmup, reset=lambda T: cache.trim(cache.length - start),
+                               statistic=min)
         memo.update({(cached, T): t for T, t in times.items()})
     return {T: memo[cached, T] for T in sizes}

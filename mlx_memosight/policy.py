@@ -49,8 +49,15 @@ LAYOUTS = ("all", "last")
 MEASURE_UP_TO = 50_000_000
 # How calibrate() times passes; part of the cache file's keys, so that a
 # figure timed another way (model calls built op by op, before the engine
-# compiled its passes) is measured again rather than reused.
-MEASURED_ON = "engine decoding passes"
+# compiled its passes; the median of the rounds rather than the fastest) is
+# measured again rather than reused. The fastest: a pass of a millisecond
+# is often slowed by other work on the machine, and a slow one-token pass
+# makes pass tokens look cheap. Five calibrations of the demo model in a row
+# (reference BLAS, 2-core x86-64, 31 rounds each) gave 0.29-0.45 from the
+# medians and 0.49-0.52 from the fastest runs; a figure of 0.25 from one
+# median calibration made the batch engine draft where drafting loses
+# (README, Batched decoding).
+MEASURED_ON = "engine decoding passes, fastest of the rounds"
 
 
 def parameter_count(model) -> int:
@@ -144,8 +151,8 @@ def _read_table() -> dict:
 
 
 def calibrate(model, sizes=(1, 9), force: bool = False) -> PassCost:
-    """Measure ``per_token`` for this model here (median passes of 1 and 9
-    tokens, as the engine runs them: :func:`mlx_memosight.engine.decoding_pass_costs`)
+    """Measure ``per_token`` for this model here (the fastest passes of 1 and
+    9 tokens, as the engine runs them: :func:`mlx_memosight.engine.decoding_pass_costs`)
     and keep it in the per-user cache file; a measurement already there is
     kept unless ``force``."""
     from .engine import decoding_pass_costs
