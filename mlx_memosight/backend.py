@@ -92,7 +92,8 @@ def describe() -> str:
 
 def median_seconds(keys: Sequence, run: Callable, rounds: int = 7, warmup: int = 2,
                    reset: Optional[Callable] = None, statistic: Callable = statistics.median) -> Dict:
-    """Median seconds of ``run(key)`` for each of ``keys``: the keys
+    """Seconds of ``run(key)`` for each of ``keys``, the median of the rounds
+    (or ``statistic``'s): the keys
     interleaved within each round, so a slow spell of the machine spreads
     over all of them instead of skewing one; ``warmup`` untimed rounds first;
     ``reset(key)``, untimed, before every run. The median resists the odd

@@ -52,9 +52,10 @@ MEASURE_UP_TO = 50_000_000
 # compiled its passes; the median of the rounds rather than the fastest) is
 # measured again rather than reused. The fastest: a pass of a millisecond
 # is often slowed by other work on the machine, and a slow one-token pass
-# makes pass tokens look cheap. Five calibrations of the demo model in a row
-# (reference BLAS, 2-core x86-64, 31 rounds each) gave 0.29-0.45 from the
-# medians and 0.49-0.52 from the fastest runs; a figure of 0.25 from one
+# makes pass tokens look cheap. Calibrations of the demo model (reference
+# BLAS, 2-core x86-64) gave 0.29-0.45 from the medians of 31 rounds and
+# 0.49-0.52 from the fastest (five of each in a row), and 0.47-0.55 from the
+# fastest of the seven rounds calibrate() times; a figure of 0.25 from one
 # median calibration made the batch engine draft where drafting loses
 # (README, Batched decoding).
 MEASURED_ON = "engine decoding passes, fastest of the rounds"
