@@ -412,7 +412,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
         repeats: timed repetitions per prompt (the fastest is kept).
     """
     from .policy import calibrate
-    from .generation import prompt_ids
+    from .generation import decode_text, prompt_ids
     from .loading import load
     from .scoring import score
 
@@ -456,7 +456,7 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
                     best[name] = r
         for name, r in best.items():
             tok = lm_tok if name == "mlx_lm" else tokenizer
-            answer = decode_answer(tok, r.tokens, *((lm_cfg, lm_stop) if name == "mlx_lm" else (cfg, stop)))
+            answer = decode_text(tok, r.tokens, *((lm_cfg, lm_stop) if name == "mlx_lm" else (cfg, stop)))
             r.text_tokens = len(tok.encode(answer, add_special_tokens=False))
             if "answer" in item:
                 r.correct = score(answer, item)
@@ -563,7 +563,7 @@ def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_
     """At each batch size, in one run: mlx-lm's continuous batching of the
     plain model (``--plain-model``, else ``--model``) and this engine's
     batched MemoSight decoding, over every prompt."""
-    from .generation import prompt_ids
+    from .generation import decode_text, prompt_ids
     from .loading import load
     from .policy import calibrate
     from .scoring import score
@@ -597,7 +597,7 @@ def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_
             else:
                 r = run_engine_batched(model, tokenizer, ids, max_tokens, bs, **engine_options)
                 tok, c, s = tokenizer, cfg, stop
-            r.correct = [score(decode_answer(tok, t, c, s), item) if "answer" in item else None
+            r.correct = [score(decode_text(tok, t, c, s), item) if "answer" in item else None
                          for t, item in zip(r.tokens, prompts)]
             runs.append(r)
             if bar is not None:
@@ -646,13 +646,6 @@ def stop_set(tokenizer, cfg) -> set:
     from .generation import stop_ids
 
     return set(stop_ids(tokenizer)) | ({cfg.token_ids.eos} if cfg is not None else set())
-
-
-def decode_answer(tokenizer, tokens, cfg, stop) -> str:
-    """The answer's text as generation shows it (:func:`decode_text`)."""
-    from .generation import decode_text
-
-    return decode_text(tokenizer, tokens, cfg, stop)
 
 
 def build_parser():

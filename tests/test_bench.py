@@ -3,7 +3,7 @@
 import json
 
 from helpers import run_command
-from mlx_memosight.bench import bench, decode_answer, format_table, format_text_speed, main, stop_set
+from mlx_memosight.bench import bench, format_table, format_text_speed, main, stop_set
 
 
 def test_bench_rows_and_outputs(reasoner, tmp_path):
@@ -30,7 +30,7 @@ def test_answer_text_is_the_generated_text():
     as newlines, each step decoded on its own; the text encodes to fewer
     tokens than the output (no splitters), and only then is a line printed."""
     from mlx_memosight.demo import demo_model_path, heldout_items
-    from mlx_memosight.generation import generate
+    from mlx_memosight.generation import decode_text, generate
     from mlx_memosight.loading import load
     from mlx_memosight.scoring import eval_prompt
 
@@ -38,7 +38,7 @@ def test_answer_text_is_the_generated_text():
     cfg = model.memosight_config
     r = generate(model, tok, eval_prompt(heldout_items(1)[0]), 400)
     assert cfg.token_ids.splitter in r.token_ids
-    text = decode_answer(tok, r.token_ids, cfg, stop_set(tok, cfg))
+    text = decode_text(tok, r.token_ids, cfg, stop_set(tok, cfg))
     assert text == r.text
     n = len(tok.encode(text, add_special_tokens=False))
     assert n < len(r.token_ids)
