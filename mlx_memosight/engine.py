@@ -35,7 +35,7 @@ from .kernels import CompactMask
 from .layout import NEVER, Pass, PassBuilder, StepState
 from .model import TokenPositions, forward, lm_head
 from .options import MAX_DRAFT_LEN, GenerationOptions
-from .policy import DraftPolicy, PassCost
+from .policy import DraftPolicy, PassCost, acceptance_for
 from .sampling import select
 
 
@@ -207,6 +207,11 @@ class Engine:
     """
 
     pipeline = True  # issue the next pass before reading the current one where it can be foreseen
+    # a sequence's drafting policy starts from the acceptance earlier sequences
+    # of the model saw (policy.Acceptance); the batch engine's rows start from
+    # the prior (README, Batched decoding: sharing it there took the same
+    # iterations and tokens, and ran slower: examples/drafting_choices.py)
+    shares_acceptance = True
     # Run decoding passes (up to COMPILED_MAX_TOKENS tokens) as one compiled
     # MLX function (see _run_compiled); off: each pass's graph is built op by op.
     compiled = True
@@ -251,8 +256,13 @@ class Engine:
         self._compiled_fns: dict = {}  # traced function -> compiled (_compiled_function)
 
     def new_policy(self) -> Optional[DraftPolicy]:
-        """A drafting policy for one sequence (None where nothing is chosen)."""
-        return DraftPolicy(*self._policy_args) if self._policy_args is not None else None
+        """A drafting policy for one sequence (None where nothing is chosen),
+        starting from the acceptance seen with this model so far (where
+        :attr:`shares_acceptance`; else from the prior)."""
+        if self._policy_args is None:
+            return None
+        seen = acceptance_for(self.model, self.draft_len) if self.shares_acceptance else None
+        return DraftPolicy(*self._policy_args, seen=seen)
 
     # -- passes --------------------------------------------------------------
     def _run(self, seq: "Decoding", p: Pass, rows: np.ndarray, tokens: Optional[mx.array] = None) -> mx.array:
@@ -576,6 +586,7 @@ class BatchEngine(Engine):
 
     min_chunk: Optional[int] = None  # a fixed chunk width for compress blocks (None: chunk_width decides)
     pipeline = True  # issue the next pass of plain-decoding rows before reading the current one
+    shares_acceptance = False
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
         super().__init__(model, cfg, **options)

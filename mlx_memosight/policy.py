@@ -11,12 +11,14 @@ minimises the expected time per committed token under
   model on this machine (a per-user cache file that ``bench`` and
   ``examples/pass_cost.py`` fill) or, without a measurement, the stated
   default of the backend (:data:`DEFAULT_PER_TOKEN`);
-* the acceptance seen so far: per draft position ``i``, how often draft ``i``
-  was right when the drafts before it were (with a prior from the model's
-  trained foresight offsets).
+* the acceptance seen so far with this model in this process (every
+  sequence it decoded, kept on the loaded model: :class:`Acceptance`): per
+  draft position ``i``, how often draft ``i`` was right when the drafts
+  before it were (with a prior from the model's trained foresight offsets).
 
-Both depend only on the cache file and on the committed tokens, so a given
-command on a given machine makes the same choices every time.
+Both depend only on the cache file and on the tokens committed in the
+process, so a given command on a given machine makes the same choices every
+time.
 """
 
 import hashlib
@@ -42,6 +44,16 @@ DEFAULT_PER_TOKEN = {"gpu": 0.02, "fast BLAS": 0.05, "reference BLAS": 0.45}
 # positions ahead; training offsets reach max_offset), poor beyond them.
 PRIOR_IN_RANGE, PRIOR_BEYOND, PRIOR_WEIGHT = 0.75, 0.3, 4.0
 EXPLORE_EVERY = 8
+# ... until the position one further has been verified this many times with
+# the model: exploring costs a pass (the pass issued ahead, assuming every
+# draft right, is dropped when the extra draft is wrong), and what it learns
+# is kept for every later sequence (Acceptance).
+EXPLORE_UNTIL = 32
+# What was seen fades by this factor with every pass the policy chooses for
+# (half of it is gone after ~350 passes), so that the prior comes back where
+# nothing new is seen: a policy that stopped drafting after a bad start tries
+# again later instead of never.
+FADE = 0.998
 LAYOUTS = ("all", "last")
 # Models this small are timed on first use (a few passes of 1 and 9 tokens
 # take well under a second); larger ones use the default until measured by
@@ -222,6 +234,45 @@ def _times(cost, q: List[float], lengths, layouts):
 
 
 @dataclass
+class Acceptance:
+    """Per draft position ``i``: how many passes verified draft ``i`` (the
+    drafts before it right) and in how many it was right. One is kept per
+    loaded model (:func:`acceptance_for`) and shared by every sequence decoded
+    with it, so that a sequence starts from what earlier ones saw rather than
+    from the prior; it fades with every pass (:data:`FADE`)."""
+
+    tried: List[float]
+    right: List[float]
+
+    @classmethod
+    def empty(cls, max_draft: int) -> "Acceptance":
+        return cls([0.0] * max_draft, [0.0] * max_draft)
+
+    def fade(self):
+        self.tried = [x * FADE for x in self.tried]
+        self.right = [x * FADE for x in self.right]
+
+    def observe(self, drafted: int, right: int):
+        for i in range(min(drafted, right + 1, len(self.tried))):
+            self.tried[i] += 1
+            self.right[i] += i < right
+
+
+def acceptance_for(model, max_draft: int) -> Acceptance:
+    """The acceptance seen with ``model`` in this process (kept on the model
+    object, as its compiled passes are; a model loaded again starts afresh)."""
+    table = model.__dict__.setdefault("_memosight_acceptance", {})
+    if max_draft not in table:
+        table[max_draft] = Acceptance.empty(max_draft)
+    return table[max_draft]
+
+
+def forget_acceptance(model):
+    """Drop what :func:`acceptance_for` kept for ``model``."""
+    model.__dict__.pop("_memosight_acceptance", None)
+
+
+@dataclass
 class DraftPolicy:
     """Chooses ``(draft length, layout)`` before each pass.
 
@@ -231,6 +282,8 @@ class DraftPolicy:
         trained_offset: the model's ``max_offset`` (drafts up to ``max_offset
             + 1`` positions ahead were trained).
         draft_len, layout: a choice forced by the user (None: the policy's).
+        seen: the acceptance to start from and add to (shared with other
+            sequences of the same model: :func:`acceptance_for`); None: its own.
     """
 
     cost: PassCost
@@ -238,40 +291,36 @@ class DraftPolicy:
     trained_offset: int
     draft_len: Optional[int] = None
     layout: Optional[str] = None
-    tried: List[float] = field(default_factory=list)
-    right: List[float] = field(default_factory=list)
-    chosen: Dict[str, int] = field(default_factory=dict)
+    seen: Optional[Acceptance] = None
+    chosen: Dict[str, int] = field(default_factory=dict)  # this sequence's choices, for its statistics
     since_explore: int = 0
 
     def __post_init__(self):
-        self.reset()
-
-    def reset(self):
-        """Forget the acceptance seen (a new generation starts)."""
-        self.tried = [0.0] * self.max_draft
-        self.right = [0.0] * self.max_draft
-        self.chosen = {}
-        self.since_explore = 0
+        if self.seen is None:
+            self.seen = Acceptance.empty(self.max_draft)
 
     def acceptance(self) -> List[float]:
         out = []
+        seen = self.seen
         for i in range(self.max_draft):
             prior = PRIOR_IN_RANGE if i <= self.trained_offset else PRIOR_BEYOND
-            out.append((self.right[i] + prior * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT))
+            out.append((seen.right[i] + prior * PRIOR_WEIGHT) / (seen.tried[i] + PRIOR_WEIGHT))
         return out
 
     def choose(self, rows: int = 1, free: int = 1) -> Tuple[int, str]:
         """The choice for the next pass; ``rows`` and ``free`` describe a
         batched pass (:meth:`PassCost.in_batch`)."""
+        self.seen.fade()
         q = self.acceptance()
         lengths = [self.draft_len] if self.draft_len is not None else range(self.max_draft + 1)
         layouts = [self.layout] if self.layout is not None else LAYOUTS
         cost = self.cost if rows == 1 and free <= 1 else self.cost.in_batch(rows, free)
         best = min(_times(cost, q, lengths, layouts), key=lambda x: (round(x[0], 9), x[1], LAYOUTS.index(x[2])))
         _, g, lay = best
-        if 0 < g < self.max_draft and self.draft_len is None:
+        if 0 < g < self.max_draft and self.draft_len is None and self.seen.tried[g] < EXPLORE_UNTIL:
             # one pass in EXPLORE_EVERY drafts one token further, so that the
-            # acceptance there is seen too (a fixed schedule: still deterministic)
+            # acceptance there is seen too (a fixed schedule: still
+            # deterministic), until it has been seen often enough
             self.since_explore += 1
             if self.since_explore >= EXPLORE_EVERY:
                 self.since_explore = 0
@@ -291,9 +340,7 @@ class DraftPolicy:
     def observe(self, drafted: int, right: int):
         """A pass verified ``drafted`` drafts, the first ``right`` of them
         equal to the model's own tokens."""
-        for i in range(min(drafted, right + 1, self.max_draft)):
-            self.tried[i] += 1
-            self.right[i] += i < right
+        self.seen.observe(drafted, right)
 
     def summary(self) -> str:
         total = sum(self.chosen.values()) or 1

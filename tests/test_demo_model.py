@@ -110,6 +110,29 @@ def test_pipeline_bench_script():
     assert len(rows) == 5 and "op by op" in r.stdout, r.stdout
 
 
+def test_drafting_choices_script():
+    """examples/drafting_choices.py decodes the same problems with the
+    acceptance kept per model, from the prior per sequence and at a fixed draft
+    length, checks the tokens are the same and prints passes and dropped
+    passes for each; kept acceptance never needs more passes than starting
+    each sequence from the prior."""
+    r = subprocess.run([sys.executable, "examples/drafting_choices.py", "--limit", "4", "--rounds", "1",
+                        "--max-tokens", "120"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {line[:40].strip(): line[40:].split() for line in r.stdout.splitlines()
+            if line.startswith(("policy", "draft "))}
+    assert len(rows) == 3 and "every mode committed the same tokens" in r.stdout, r.stdout
+    kept, prior = rows["policy, acceptance kept per model"], rows["policy, each sequence from the prior"]
+    assert float(kept[0]) > 0 and int(kept[1]) <= int(prior[1]), r.stdout
+    assert rows["draft 3, last sets (fixed)"][3] == "-"
+    r = subprocess.run([sys.executable, "examples/drafting_choices.py", "--limit", "4", "--rounds", "1",
+                        "--max-tokens", "80", "--batch-size", "2"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("batch, ")]
+    assert len(rows) == 2 and "every mode committed the same tokens" in r.stdout, r.stdout
+
+
 def test_packaged_names_yield_to_a_folder_of_that_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "long-demo").mkdir()

@@ -11,6 +11,7 @@ from helpers import reference_decode, run_command, split_steps
 from mlx_memosight import generate, load, stream_generate
 from mlx_memosight.engine import Engine
 from mlx_memosight.errors import MemoSightError
+from mlx_memosight.policy import forget_acceptance
 from mlx_memosight.generate import main as generate_main
 from mlx_memosight.sampling import make_repetition_penalty
 
@@ -76,6 +77,7 @@ def test_compiled_passes_equal_passes_built_op_by_op(loaded, monkeypatch):
             out = {}
             for on in (False, True):
                 monkeypatch.setattr(Engine, "compiled", on)
+                forget_acceptance(model)  # both start from the prior: the same drafting choices
                 e = Engine(model, cfg, **kw)
                 mx.random.seed(3)
                 tokens = [ev.token for ev in e.generate(prompt, 300)]
@@ -234,16 +236,35 @@ def test_policy_choice_is_the_best_of_every_option():
 
 
 def test_policy_choices_are_the_same_every_run(loaded):
-    """The policy decides from the cost model and the committed tokens only:
-    two runs make the same choices and the same draft statistics."""
+    """The policy decides from the cost model and the tokens committed with
+    the model in the process only: two runs from a freshly loaded model (two
+    commands) make the same choices and the same draft statistics; a second
+    sequence in the same process starts from the acceptance the first saw."""
     _, task, model, _, cfg = loaded
     prompt = prompts(task)[0]
-    a, sa, _ = run(model, cfg, prompt, 80)
-    b, sb, _ = run(model, cfg, prompt, 80)
+
+    def seen(**kw):  # the acceptance an engine of this model starts from
+        return list(Engine(model, cfg, **kw).policy.seen.tried)
+
+    def fresh_run():
+        forget_acceptance(model)
+        out = run(model, cfg, prompt, 80)
+        return out[0], out[1], seen()
+
+    (a, sa, ta), (b, sb, tb) = fresh_run(), fresh_run()
     assert a == b and (sa.drafted_tokens, sa.accepted_draft_tokens, sa.draft_policy) == \
         (sb.drafted_tokens, sb.accepted_draft_tokens, sb.draft_policy)
     assert sa.draft_policy and "of passes" in sa.draft_policy
     assert a == reference_decode(model, cfg, prompt, 80)
+    assert ta == tb
+    # the acceptance seen is kept on the model: a later engine starts from it
+    # (a forced draft length, so that every pass verifies drafts)
+    for p in prompts(task, n=4, seed=5):
+        run(model, cfg, p, 80, draft_len=2)
+    tried = seen(draft_len=2)
+    assert tried[0] > 0 and seen(draft_len=2) == tried
+    forget_acceptance(model)
+    assert seen(draft_len=2) == [0, 0]
 
 
 def test_no_compression_equals_plain_causal_decoding(loaded):

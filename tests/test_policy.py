@@ -86,3 +86,50 @@ def test_calibration_times_the_passes_the_engine_runs(cache_dir, monkeypatch):
     # after the prompt's prefill: interleaved rounds (2 untimed) of a 1- and a 9-token pass over the
     # same 64 entries, each compiled
     assert fed[-18:] == [(64, 1, 1, True), (64, 9, 9, True)] * 9
+
+
+def test_acceptance_is_shared_by_the_sequences_of_a_model_and_fades():
+    """A sequence starts from the acceptance earlier sequences of the model saw
+    (a fresh policy of a model whose drafts were never right does not draft);
+    what was seen fades pass by pass, so a policy that stopped drafting tries
+    again later instead of never."""
+    from mlx_memosight.policy import DraftPolicy, PassCost, acceptance_for, forget_acceptance
+
+    model, _ = mlx_model("qwen2", 300, seed=3)
+    forget_acceptance(model)
+
+    def fresh():
+        return DraftPolicy(PassCost(0.05, "given"), max_draft=5, trained_offset=3,
+                           seen=acceptance_for(model, 5))
+
+    assert fresh().choose()[0] > 0  # the prior: drafting pays at this cost
+    first = fresh()
+    for _ in range(40):
+        first.observe(3, 0)
+    later = fresh()
+    assert later.choose()[0] == 0 and later.seen is first.seen
+    passes = 1
+    while later.choose()[0] == 0:
+        passes += 1
+        assert passes < 10_000, "the prior never came back"
+    assert passes > 200  # but only after the evidence has faded
+    forget_acceptance(model)
+    assert fresh().seen.tried == [0.0] * 5
+
+
+def test_exploring_stops_once_the_next_position_is_known():
+    """One pass in EXPLORE_EVERY drafts one token further than the choice,
+    until that position has been verified EXPLORE_UNTIL times."""
+    from mlx_memosight.policy import EXPLORE_EVERY, EXPLORE_UNTIL, DraftPolicy, PassCost
+
+    p = DraftPolicy(PassCost(0.3, "given"), max_draft=5, trained_offset=3)
+    for _ in range(60):
+        p.observe(2, 2)
+    assert p.choose()[0] == 2
+    lengths = [p.choose()[0] for _ in range(4 * EXPLORE_EVERY)]
+    assert lengths.count(3) == 4 and set(lengths) == {2, 3}
+    for _ in range(EXPLORE_UNTIL + 8):
+        p.observe(3, 2)  # the third draft is always wrong
+    lengths = [p.choose()[0] for _ in range(4 * EXPLORE_EVERY)]
+    assert set(lengths) == {2}
+
