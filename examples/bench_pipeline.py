@@ -32,6 +32,7 @@ from mlx_memosight import demo, load  # noqa: E402
 from mlx_memosight.backend import describe  # noqa: E402
 from mlx_memosight.engine import Engine  # noqa: E402
 from mlx_memosight.generation import prompt_ids  # noqa: E402
+from mlx_memosight.policy import forget_acceptance  # noqa: E402
 
 
 def decode(engine, prompts, max_tokens):
@@ -79,6 +80,7 @@ def main(argv=None):
         best, tokens = {}, {}
         for _ in range(args.rounds):
             for switched in (False, True):
+                forget_acceptance(model)  # the policy's rows start alike (not from the runs before)
                 engine = Engine(model, cfg, **kw)
                 setattr(engine, args.switch, switched)
                 toks, seconds, passes, dropped = decode(engine, prompts, args.max_tokens)

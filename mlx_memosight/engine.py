@@ -209,8 +209,8 @@ class Engine:
     pipeline = True  # issue the next pass before reading the current one where it can be foreseen
     # a sequence's drafting policy starts from the acceptance earlier sequences
     # of the model saw (policy.Acceptance); the batch engine's rows start from
-    # the prior (README, Batched decoding: sharing it there took the same
-    # iterations and tokens, and ran slower: examples/drafting_choices.py)
+    # the prior (README, Batched decoding: sharing it there took no fewer
+    # iterations or tokens and measured no gain: examples/drafting_choices.py)
     shares_acceptance = True
     # Run decoding passes (up to COMPILED_MAX_TOKENS tokens) as one compiled
     # MLX function (see _run_compiled); off: each pass's graph is built op by op.

@@ -16,9 +16,12 @@ minimises the expected time per committed token under
   draft position ``i``, how often draft ``i`` was right when the drafts
   before it were (with a prior from the model's trained foresight offsets).
 
-Both depend only on the cache file and on the tokens committed in the
-process, so a given command on a given machine makes the same choices every
-time.
+Both depend only on the cache file, the tokens committed in the process and
+the engine's settings (which draft lengths ran, passes issued ahead), so a
+given command on a given machine makes the same choices every time. With
+sampling, the tokens depend on the drafting choices: two sampled calls in one
+process with the same ``mx.random.seed`` can differ (``forget_acceptance``
+between them makes them equal).
 """
 
 import hashlib
@@ -44,12 +47,15 @@ DEFAULT_PER_TOKEN = {"gpu": 0.02, "fast BLAS": 0.05, "reference BLAS": 0.45}
 # positions ahead; training offsets reach max_offset), poor beyond them.
 PRIOR_IN_RANGE, PRIOR_BEYOND, PRIOR_WEIGHT = 0.75, 0.3, 4.0
 EXPLORE_EVERY = 8
-# ... until the position one further has been verified this many times with
-# the model: exploring costs a pass (the pass issued ahead, assuming every
-# draft right, is dropped when the extra draft is wrong), and what it learns
-# is kept for every later sequence (Acceptance).
+# ... while the position one further has been verified fewer than this many
+# times (faded counts: exploring pauses there and resumes as they fade, so
+# it is throttled rather than stopped; the demo bench still explores draft
+# length 4 in ~9% of passes): exploring costs a pass (the pass issued ahead,
+# assuming every draft right, is dropped when the extra draft is wrong), and
+# what it learns is kept for every later sequence (Acceptance).
 EXPLORE_UNTIL = 32
-# What was seen fades by this factor with every pass the policy chooses for
+# What was seen fades by this factor with every choose() call (passes issued
+# ahead and dropped included)
 # (half of it is gone after ~350 passes), so that the prior comes back where
 # nothing new is seen: a policy that stopped drafting after a bad start tries
 # again later instead of never.
@@ -237,7 +243,7 @@ def _times(cost, q: List[float], lengths, layouts):
 class Acceptance:
     """Per draft position ``i``: how many passes verified draft ``i`` (the
     drafts before it right) and in how many it was right. One is kept per
-    loaded model (:func:`acceptance_for`) and shared by every sequence decoded
+    loaded model and longest draft (:func:`acceptance_for`) and shared by every sequence decoded
     with it, so that a sequence starts from what earlier ones saw rather than
     from the prior; it fades with every pass (:data:`FADE`)."""
 
@@ -331,7 +337,8 @@ class DraftPolicy:
 
     def choices(self) -> tuple:
         """What :meth:`choose` changes, to go back to with :meth:`undo_choices`
-        (a choice made for a pass that never ran)."""
+        (a choice made for a pass that never ran), but the fading of the shared
+        acceptance, which stays (deterministic all the same)."""
         return self.since_explore, dict(self.chosen)
 
     def undo_choices(self, state: tuple):

@@ -117,9 +117,10 @@ def test_acceptance_is_shared_by_the_sequences_of_a_model_and_fades():
     assert fresh().seen.tried == [0.0] * 5
 
 
-def test_exploring_stops_once_the_next_position_is_known():
+def test_exploring_pauses_once_the_next_position_is_known():
     """One pass in EXPLORE_EVERY drafts one token further than the choice,
-    until that position has been verified EXPLORE_UNTIL times."""
+    while that position has been verified fewer than EXPLORE_UNTIL times
+    (faded counts: it resumes once they fade below)."""
     from mlx_memosight.policy import EXPLORE_EVERY, EXPLORE_UNTIL, DraftPolicy, PassCost
 
     p = DraftPolicy(PassCost(0.3, "given"), max_draft=5, trained_offset=3)
