@@ -12,7 +12,8 @@ bfloat16, hub-style shards):
   by this project, each decoding a few greedy tokens (the same tokens);
 * decode: tokens/s of mlx-lm's greedy decoding and of this engine in plain
   mode (no drafting, no compression: the same work), for float32, float16,
-  bfloat16 and 4-bit weights, interleaved;
+  bfloat16 and 4-bit weights (float16 scales, and float32 ones: 4bit-f32),
+  interleaved;
 * prefill: prompt tokens/s of both on a long prompt;
 * passes: what a pass of k tokens (k = 1..17) costs relative to a 1-token
   pass, the engine's own host time (building a fused pass) as a share of
@@ -153,15 +154,19 @@ def bench_quantized(work: Path, ckpt: Path, bits: int, group: int, tokens: int, 
 
 
 def variants(work: Path, mlx_dir: Path, dtypes):
-    """The converted model in each dtype (4-bit: group 64, from float16)."""
+    """The converted model in each dtype (4bit: group 64, from float16, so
+    float16 scales; 4bit-f32: the same with float32 scales, as ``convert -q
+    --dtype float32`` writes and as ``generate`` computes a 4-bit model on
+    MLX's CPU backend)."""
     from mlx_memosight.convert import convert
 
     out = {}
     for d in dtypes:
         path = work / f"mlx-{d}"
         if not (path / "config.json").exists():
-            if d == "4bit":
-                convert(work / "ckpt", path, dtype="float16", quantize=True, progress=False, log=lambda *a: None)
+            if d in ("4bit", "4bit-f32"):
+                convert(work / "ckpt", path, dtype="float16" if d == "4bit" else "float32", quantize=True,
+                        progress=False, log=lambda *a: None)
             else:
                 convert(work / "ckpt", path, dtype=d, progress=False, log=lambda *a: None)
         out[d] = path
@@ -191,14 +196,14 @@ def engine_decode(model, prompt, n):
     return (st.generated_tokens - 1) / st.generation_time, st.prompt_tps
 
 
-def bench_decode(paths, n, repeats, note):
+def bench_decode(paths, n, repeats, note, prompt_tokens=32):
     from mlx_memosight.loading import load
 
-    log(f"decode, {n} tokens after a 32-token prompt, best of {repeats} interleaved runs{note}")
+    log(f"decode, {n} tokens after a {prompt_tokens}-token prompt, best of {repeats} interleaved runs{note}")
     log(f"{'weights':<10}{'mlx_lm tok/s':>14}{'engine tok/s':>14}{'ratio':>8}")
     for d, path in paths.items():
         model, _ = load(path)
-        prompt = [(7 * i + 11) % 1000 + 100 for i in range(32)]
+        prompt = [(7 * i + 11) % 1000 + 100 for i in range(prompt_tokens)]
         mine, theirs = [], []
         for _ in range(repeats):
             theirs.append(mlx_lm_decode(model, prompt, n)[0])
@@ -373,8 +378,11 @@ def main():
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--q-tokens", type=int, default=2, help="tokens the quantized model decodes (0: none)")
     p.add_argument("--q-prompt-tokens", type=int, default=16, help="the prompt it decodes them after")
-    p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16,4bit,4bit-f32")
     p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-prompt-tokens", type=int, default=32,
+                   help="the prompt the decode section decodes after (4-bit weights with float16 scales "
+                        "take seconds per token position on MLX's CPU backend: keep it short there)")
     p.add_argument("--prompt-tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--train-tokens", default="2048,4096", help="content tokens of the training samples")
@@ -397,7 +405,7 @@ def main():
                         args.convert_repeats)
     paths = variants(work, ckpt, args.dtypes.split(",")) if {"decode", "passes"} & set(sections) else {}
     if "decode" in sections:
-        bench_decode(paths, args.decode_tokens, args.repeats, note)
+        bench_decode(paths, args.decode_tokens, args.repeats, note, args.decode_prompt_tokens)
     if "prefill" in sections:
         layers = args.prefill_layers or args.layers
         pwork = work if layers == args.layers else ROOT / ".work" / f"bench_scale-{args.shape}-{layers}"

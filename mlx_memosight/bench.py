@@ -413,15 +413,15 @@ def bench(model_path, prompts, max_tokens=256, draft_len=None, plain_model_path=
     """
     from .policy import calibrate
     from .generation import decode_text, prompt_ids
-    from .loading import load
+    from .loading import load_for_decoding
     from .scoring import score
 
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_for_decoding(model_path)
     cfg = model.memosight_config
     stop = stop_set(tokenizer, cfg)
     plain = None
     if plain_model_path is not None:
-        plain = load(plain_model_path)
+        plain = load_for_decoding(plain_model_path)
     cost = calibrate(model) if cfg is not None else None  # measured once per model and machine
     configs = configurations(cfg, draft_len, foresight_sets)
     rows: Dict[str, Row] = {"mlx_lm": Row("mlx_lm")}
@@ -564,13 +564,13 @@ def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_
     plain model (``--plain-model``, else ``--model``) and this engine's
     batched MemoSight decoding, over every prompt."""
     from .generation import decode_text, prompt_ids
-    from .loading import load
+    from .loading import load_for_decoding
     from .policy import calibrate
     from .scoring import score
 
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_for_decoding(model_path)
     cfg = model.memosight_config
-    lm_model, lm_tok = load(plain_model_path) if plain_model_path is not None else (model, tokenizer)
+    lm_model, lm_tok = load_for_decoding(plain_model_path) if plain_model_path is not None else (model, tokenizer)
     lm_cfg = lm_model.memosight_config
     lm_stop = stop_set(lm_tok, lm_cfg)
     stop = stop_set(tokenizer, cfg)

@@ -29,12 +29,12 @@ def _chat(args):
 
     from .errors import MemoSightError
     from .generation import special_ids, stream_generate
-    from .loading import load, resolve_model
+    from .loading import load_for_decoding, resolve_model
     from .serving import AnswerSplitter, Message, conversation_ids
 
     options = GenerationOptions.from_args(args)
     path = resolve_model(args.model)
-    model, tokenizer = load(path, adapter_path=args.adapter_path)
+    model, tokenizer = load_for_decoding(path, adapter_path=args.adapter_path)
     cfg = model.memosight_config
     if options.seed is not None:
         mx.random.seed(options.seed)

@@ -217,7 +217,7 @@ def format_summary(s: dict) -> str:
 
 def run(args) -> dict:
     """Evaluate as the command line asks; returns the summary."""
-    from .loading import load, resolve_model
+    from .loading import load_for_decoding, resolve_model
     from .outputs import check_writable
 
     if args.limit is not None and args.limit < 1:
@@ -246,7 +246,7 @@ def run(args) -> dict:
         print(f"{out}: {len(done)} of {len(items)} items already evaluated; continuing", file=sys.stderr)
 
     model_path = resolve_model(args.model)
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_for_decoding(model_path)
     if model.memosight_config is None:
         print(f"notice: {model_path} has no MemoSight configuration; running plain decoding",
               file=sys.stderr)

@@ -69,10 +69,9 @@ def _generate(args):
 
     import mlx.core as mx
 
-    from .backend import cpu_dtype_advice, model_dtype
     from .generation import (GenerationResult, device_line, format_stats, prompt_ids, special_ids,
                              stats_json, stream_generate)
-    from .loading import load, memosight_notice, resolve_model
+    from .loading import load_for_decoding, memosight_notice, resolve_model
     from .outputs import check_writable
 
     options = GenerationOptions.from_args(args)
@@ -80,13 +79,10 @@ def _generate(args):
         check_writable(args.stats_json, "stats_json")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model_path = resolve_model(args.model)
-    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    model, tokenizer = load_for_decoding(model_path, adapter_path=args.adapter_path)
     cfg = model.memosight_config
     if cfg is None:
         print(memosight_notice(model_path), file=sys.stderr)
-    advice = cpu_dtype_advice(*model_dtype(model))
-    if advice:
-        print(f"notice: {model_path}: {advice}", file=sys.stderr)
     ids = prompt_ids(tokenizer, prompt, cfg, args.system, args.raw_prompt)
     context = getattr(model.args, "max_position_embeddings", None)
     if context and len(ids) + options.max_tokens > context:

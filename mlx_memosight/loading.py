@@ -9,9 +9,10 @@ MemoSight configuration, in one place that every command uses.
   ``config.json`` the way mlx-lm needs it.
 """
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import CONFIG_FILE, SUPPORTED_FAMILIES, ConfigError, MemoSightConfig, read_json
 from .errors import one_line
@@ -245,6 +246,24 @@ def load(path, lazy: bool = False, adapter_path=None):
 
             cfg = apply_adapters(model, tokenizer, adapter_path, path)
     model.memosight_config = cfg
+    return model, tokenizer
+
+
+def load_for_decoding(path, adapter_path=None, log: Callable[[str], None] = None):
+    """:func:`load`, then what decoding on this machine needs: on MLX's CPU
+    backend a quantized model with half-precision scales computes in float32
+    (:func:`mlx_memosight.backend.float32_on_cpu`; many times faster there),
+    and any other slow choice of weights is named. What was done or noticed
+    goes to ``log`` (default: a ``notice:`` line on stderr)."""
+    from .backend import cpu_dtype_advice, float32_on_cpu, model_dtype
+
+    if log is None:
+        def log(text):
+            print(f"notice: {path}: {text}", file=sys.stderr)
+    model, tokenizer = load(path, adapter_path=adapter_path)
+    note = float32_on_cpu(model) or cpu_dtype_advice(*model_dtype(model))
+    if note:
+        log(note)
     return model, tokenizer
 
 

@@ -630,11 +630,11 @@ def build_parser():
 def _serve(args):
     import uvicorn
 
-    from .loading import load, resolve_model
+    from .loading import load_for_decoding, resolve_model
 
     o = ServerOptions.from_args(args)
     path = resolve_model(args.model)
-    model, tokenizer = load(path, adapter_path=args.adapter_path)
+    model, tokenizer = load_for_decoding(path, adapter_path=args.adapter_path)
     if model.memosight_config is None:
         from .loading import memosight_notice
 

@@ -48,8 +48,9 @@ def test_the_with_openblas_script_refuses_no_command():
 
 
 def test_cpu_dtype_advice(monkeypatch):
-    """On the CPU, float16 and quantized weights get a notice; float32 and
-    bfloat16 do not, and nothing does on a GPU."""
+    """On the CPU, float16 weights and quantized weights with half-precision
+    scales get a notice; float32 and bfloat16 weights and quantized ones with
+    float32 scales do not, and nothing does on a GPU."""
     import mlx.core as mx
 
     from mlx_memosight import backend
@@ -57,9 +58,47 @@ def test_cpu_dtype_advice(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
     assert backend.cpu_dtype_advice("float32") is None and backend.cpu_dtype_advice("bfloat16") is None
     assert "half the speed" in backend.cpu_dtype_advice("float16")
-    assert "30x slower" in backend.cpu_dtype_advice("bfloat16", quantized=True)
+    assert "bfloat16 scales run 10-40x slower" in backend.cpu_dtype_advice("bfloat16", quantized=True)
+    assert backend.cpu_dtype_advice("float32", quantized=True) is None
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     assert backend.cpu_dtype_advice("float16", quantized=True) is None
+
+
+def test_quantized_models_compute_in_float32_on_the_cpu(tmp_path, monkeypatch):
+    """A quantized model with float16 scales is cast to float32 on the CPU:
+    the packed weights stay as they were, every float becomes float32, the
+    logits stay those of the float16 model within its precision; nothing
+    changes on a GPU, for a model in float32 already, or unquantized."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlx_memosight import backend
+    from mlx_memosight.convert import convert
+    from mlx_memosight.demo import demo_model_path
+    from mlx_memosight.loading import load
+
+    convert(demo_model_path(), tmp_path / "q", dtype="float16", quantize=True, q_group_size=32, progress=False,
+            log=lambda *a: None)
+    model, _ = load(tmp_path / "q")
+    before = dict(tree_flatten(model.parameters()))
+    x = mx.array([[1, 5, 9, 200, 31]])
+    want = model(x).astype(mx.float32)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert backend.float32_on_cpu(model) is None
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert "float16 scales" in backend.float32_on_cpu(model)
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        assert v.dtype == (mx.uint32 if before[k].dtype == mx.uint32 else mx.float32), k
+        assert np.array_equal(np.array(v.astype(mx.float32)), np.array(before[k].astype(mx.float32))), k
+    got = model(x)
+    assert got.dtype == mx.float32
+    assert np.allclose(np.array(got), np.array(want), atol=0.05 * float(mx.abs(want).max()))
+    assert backend.float32_on_cpu(model) is None  # float32 already
+    plain, _ = load(demo_model_path())
+    assert backend.float32_on_cpu(plain) is None
 
 
 def test_generate_and_convert_say_so(tmp_path, capsys):
@@ -68,11 +107,14 @@ def test_generate_and_convert_say_so(tmp_path, capsys):
     from mlx_memosight.demo import demo_model_path
     from mlx_memosight.generate import main as generate_main
 
-    code, _, err = run_command(convert_main, [demo_model_path(), "-o", tmp_path / "q", "-q", "--q-group-size", 32],
-                               capsys)
-    assert code == 0 and "quantized weights run about 30x slower" in err
+    code, _, err = run_command(convert_main, [demo_model_path(), "-o", tmp_path / "q", "-q", "--q-group-size", 32,
+                                              "--dtype", "float16"], capsys)
+    assert code == 0 and "float16 scales run 10-40x slower" in err and "--dtype float32" in err
     code, _, err = run_command(generate_main, ["--model", tmp_path / "q", "--prompt", "x", "--max-tokens", 2], capsys)
-    assert code == 0 and "quantized weights run about 30x slower" in err
+    assert code == 0 and "computing in float32" in err
+    code, _, err = run_command(convert_main, [demo_model_path(), "-o", tmp_path / "q32", "-q", "--q-group-size", 32],
+                               capsys)
+    assert code == 0 and "notice" not in err  # the demo model is float32: so are the scales
     code, _, err = run_command(generate_main, ["--prompt", "x", "--max-tokens", 2], capsys)
     assert code == 0 and "notice" not in err  # the demo model is float32
 
