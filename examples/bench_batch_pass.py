@@ -40,7 +40,7 @@ def main():
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache as MlxLmCache
 
-    from mlx_memosight import load
+    from mlx_memosight import load_for_decoding
     from mlx_memosight.backend import describe
     from mlx_memosight.cache import BatchKVCache, KVCache
     from mlx_memosight.demo import demo_model_path
@@ -48,7 +48,7 @@ def main():
     from mlx_memosight.layout import NEVER
     from mlx_memosight.model import TokenPositions, forward, lm_head
 
-    model, _ = load(args.model or str(demo_model_path()))
+    model, _ = load_for_decoding(args.model or str(demo_model_path()))
     a = model.args
     kv_heads = getattr(a, "num_key_value_heads", None) or a.num_attention_heads
     head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads

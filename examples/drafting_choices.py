@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_memosight import demo, load  # noqa: E402
+from mlx_memosight import demo, load_for_decoding  # noqa: E402
 from mlx_memosight.backend import describe  # noqa: E402
 from mlx_memosight.engine import BatchEngine, Engine  # noqa: E402
 from mlx_memosight.generation import prompt_ids  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.limit, args.rounds, args.max_tokens, args.draft_len, args.batch_size) < 1:
         p.error("--limit, --rounds, --max-tokens, --draft-len and --batch-size must be at least 1")
-    model, tokenizer = load(str(args.model or demo.demo_model_path()))
+    model, tokenizer = load_for_decoding(str(args.model or demo.demo_model_path()))
     cfg = model.memosight_config
     if cfg is None:
         p.error(f"{args.model} is not a MemoSight model (no memosight.json)")

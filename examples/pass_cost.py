@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_memosight import load  # noqa: E402
+from mlx_memosight import load_for_decoding  # noqa: E402
 from mlx_memosight.backend import describe, pass_costs  # noqa: E402
 from mlx_memosight.demo import demo_model_path  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cache < 1 or min(args.tokens) < 1 or args.rounds < 1:
         p.error("--cache, --tokens and --rounds must be at least 1")
-    model, _ = load(str(args.model or demo_model_path()))
+    model, _ = load_for_decoding(str(args.model or demo_model_path()))
     median = pass_costs(model, args.tokens, cached=args.cache, rounds=args.rounds, warmup=5)
     base = median[args.tokens[0]]
     print(f"device: {describe()}, cache: {args.cache} entries, median of {args.rounds} passes")

@@ -56,6 +56,7 @@ def generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, ver
 
 _API = {
     "load": "loading",
+    "load_for_decoding": "loading",
     "stream_generate": "generation",
     "GenerationResponse": "generation",
     "GenerationOptions": "options",

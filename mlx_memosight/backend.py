@@ -176,29 +176,30 @@ def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int 
 # Measured on MLX's CPU backend (Linux wheel, reference BLAS, 2-core x86-64;
 # examples/bench_scale.py prints the decode figures): a one-token product with
 # a 896 x 4864 matrix took 5.1 ms in float32, 4.7 ms in bfloat16 and 10.0 ms in
-# float16. Quantized products run in the precision of their scales: with an
-# 8960 x 1536 matrix, 4-bit, 13.5 ms with float32 scales (dense float32: 15.6
-# ms), 153 ms with bfloat16 and 499 ms with float16 ones; at the Qwen2.5-1.5B
-# shape a 4-bit model with float16 scales took 51 s per token, 1.5 s once its
-# scales and norms were float32.
+# float16. Quantized products run in the precision of their scales
+# (examples/bench_quantized_cpu.py): one token with an 8960 x 1536 4-bit
+# matrix took 11.8 ms with float32 scales (dense float32: 11.3 ms), 95.3 ms
+# with bfloat16 ones (8.1x) and 428 ms with float16 ones (36.2x).
 SLOW_ON_CPU = {"float16": "about half the speed of float32",
-               "quantized": "10-40x slower than with float32 ones"}
+               "quantized": "8-36x slower than with float32 ones"}
 HALF = (mx.float16, mx.bfloat16)
 
 
-def cpu_dtype_advice(dtype: str, quantized: bool = False) -> Optional[str]:
+def cpu_dtype_advice(dtype: str, quantized: bool = False, hint: bool = True) -> Optional[str]:
     """What to tell a user about to run (or write) weights of ``dtype``
     (quantized: the dtype of their scales) on MLX's CPU backend, or None where
     nothing is slow (any GPU; float32 or bfloat16 weights, quantized weights
-    with float32 scales, on the CPU)."""
+    with float32 scales, on the CPU). ``hint``: name ``--dtype float32``
+    (not where the output's dtype is fixed, as for a q4_1 GGUF file)."""
     if mx.default_device() != mx.cpu:
         return None
     if quantized:
         if dtype == "float32":
             return None
+        hint = "--dtype float32 keeps float32 scales; " if hint else ""
         return (f"quantized weights with {dtype} scales run {SLOW_ON_CPU['quantized']} on MLX's CPU "
-                "backend; --dtype float32 keeps float32 scales (generate and the server compute a "
-                "model like this one in float32 there) (README: Real models)")
+                f"backend; {hint}generate and the server compute a model like this one in float32 "
+                "there (README: Real models)")
     if dtype not in SLOW_ON_CPU:
         return None
     return (f"{dtype} weights run {SLOW_ON_CPU[dtype]} on MLX's CPU backend; float32 or bfloat16 weights "
@@ -208,24 +209,30 @@ def cpu_dtype_advice(dtype: str, quantized: bool = False) -> Optional[str]:
 def float32_on_cpu(model) -> Optional[str]:
     """On MLX's CPU backend, make a quantized model whose scales, biases and
     other floating weights are half precision compute in float32: its
-    quantized products run in the precision of the scales, 10-40x slower in
+    quantized products run in the precision of the scales, 8-36x slower in
     half precision there (:data:`SLOW_ON_CPU`). The packed weights stay as
     they are; scales and biases take twice the bytes (half a bit more per
-    4-bit weight) and the KV cache is float32. Returns what was done, for a
+    4-bit weight), as do any layers left unquantized, and the KV cache is
+    float32. Greedy tokens can then differ from mlx-lm's decoding of the
+    same model in half precision. Returns what was done, for a
     notice, or None where nothing changed (any GPU, an unquantized model, or
     one in float32 already)."""
     from mlx.utils import tree_flatten, tree_unflatten
 
     if mx.default_device() != mx.cpu or not model_dtype(model)[1]:
         return None
-    half = [(k, v) for k, v in tree_flatten(model.parameters()) if v.dtype in HALF]
+    params = tree_flatten(model.parameters())
+    half = [(k, v) for k, v in params if v.dtype in HALF]
     if not half:
         return None
-    dtype = str(half[0][1].dtype).replace("mlx.core.", "")
+    scales = [v.dtype for k, v in params if k.endswith(".scales")]
+    dtype = str(scales[0] if scales else half[0][1].dtype).replace("mlx.core.", "")
     model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in half]))
+    del half, params  # the half-precision arrays go as their float32 copies are made
     mx.eval(model.parameters())
     return (f"quantized weights with {dtype} scales run {SLOW_ON_CPU['quantized']} on MLX's CPU backend: "
-            "computing in float32 (scales, norms and activations; the packed weights as they are)")
+            "computing in float32 (scales, norms, any unquantized layer and the activations; the "
+            "packed weights as they are)")
 
 
 def model_dtype(model) -> Tuple[str, bool]:

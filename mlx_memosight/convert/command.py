@@ -163,7 +163,7 @@ def convert(
         print(f"notice: {ckpt_path} has no MemoSight tokens; converting it as a plain "
               f"{ckpt.model_type} model (no {CONFIG_FILE})", file=sys.stderr)
     plan = plan_conversion(ckpt, dtype, quantize, q_group_size, q_bits)
-    advice = cpu_dtype_advice(plan.dtype, plan.quantization is not None)
+    advice = cpu_dtype_advice(plan.dtype, plan.quantization is not None, hint=gguf is None)
     if advice:
         print(f"notice: {out_path}: {advice}", file=sys.stderr)
     result = None
