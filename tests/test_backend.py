@@ -198,3 +198,34 @@ def test_bench_quantized_cpu_script():
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
     assert [row[0] for row in rows] == ["float32", "bfloat16", "float16"]
     assert rows[0][3] == "1.0x" and all(float(x) > 0 for row in rows for x in row[1:3])
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("generate", ["--prompt", "x", "--max-tokens", "1"]),
+    ("chat", []),
+    ("server", ["--port", "0"]),
+    ("evaluate", ["--data", "HELDOUT", "--max-tokens", "1"]),
+    ("bench", ["--prompt", "x", "--max-tokens", "1"]),
+    ("bench", ["--prompt", "x", "--max-tokens", "1", "--batch-size", "1", "2"]),
+])
+def test_decoding_commands_load_for_decoding(command, argv, tmp_path, capsys, monkeypatch):
+    """Every command that decodes loads through load_for_decoding (on the CPU,
+    a quantized model with half-precision scales then computes in float32)."""
+    import importlib
+
+    from helpers import run_command
+    from mlx_memosight import demo, loading
+    from mlx_memosight.errors import MemoSightError
+
+    seen = []
+
+    def spy(path, *a, **k):
+        seen.append(path)
+        raise MemoSightError("stopped by the test")
+
+    heldout = tmp_path / "heldout.jsonl"
+    demo.write_jsonl(heldout, demo.heldout_items(1))
+    monkeypatch.setattr(loading, "load_for_decoding", spy)
+    main = importlib.import_module(f"mlx_memosight.{command}").main
+    code, _, err = run_command(main, [heldout if a == "HELDOUT" else a for a in argv], capsys)
+    assert seen and code == 1 and "stopped by the test" in err, err
