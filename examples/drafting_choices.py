@@ -21,7 +21,6 @@ tokens the rows fed (padding not counted).
 """
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_memosight import demo, load_for_decoding  # noqa: E402
 from mlx_memosight.backend import describe  # noqa: E402
 from mlx_memosight.engine import BatchEngine, Engine  # noqa: E402
-from mlx_memosight.generation import prompt_ids  # noqa: E402
 from mlx_memosight.policy import forget_acceptance  # noqa: E402
 
 
@@ -109,11 +107,7 @@ def main(argv=None):
     cfg = model.memosight_config
     if cfg is None:
         p.error(f"{args.model} is not a MemoSight model (no memosight.json)")
-    if args.data:
-        items = [json.loads(line) for line in open(args.data) if line.strip()][: args.limit]
-    else:
-        items = demo.heldout_items(args.limit)
-    prompts = [prompt_ids(tokenizer, it["question"], cfg, None, False) for it in items]
+    prompts = demo.problem_prompts(tokenizer, cfg, args.limit, args.data)
     if args.batch_size > 1:
         return batched(args, model, cfg, prompts)
     modes = [("policy, acceptance kept per model", dict(), False),

@@ -227,6 +227,18 @@ def heldout_items(n: int = 200, seed: int = 0, task: str = "days") -> List[dict]
     return [p.eval_item() for p in problems("heldout", n, seed, task)]
 
 
+def problem_prompts(tokenizer, cfg, limit: int, data=None) -> List[List[int]]:
+    """Prompt ids of the first ``limit`` problems of ``data`` (JSON lines,
+    each with a ``question``) or, without it, of the held-out problems."""
+    from .generation import prompt_ids
+
+    if data:
+        items = [json.loads(line) for line in open(data) if line.strip()][:limit]
+    else:
+        items = heldout_items(limit)
+    return [prompt_ids(tokenizer, it["question"], cfg, None, False) for it in items]
+
+
 def write_jsonl(path, rows) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
