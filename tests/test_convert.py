@@ -196,6 +196,46 @@ def test_streamed_shards_are_exact(checkpoint, converted):
     mlx_lm.load(str(out))
 
 
+@pytest.mark.parametrize("tensors, nbytes, ahead", [(3, 1 << 40, 3), (100, 0, 1)])
+def test_conversion_runs_ahead_of_writing_within_its_bounds(checkpoint, tmp_path, monkeypatch,
+                                                             tensors, nbytes, ahead):
+    """Tensors are converted ahead of the one being checked and written: as
+    many as AHEAD_TENSORS allows, unless AHEAD_BYTES of input stops it (0:
+    one ahead); the files are the same whatever the look-ahead."""
+    from safetensors.numpy import load_file
+
+    from mlx_memosight.convert import writer
+
+    ckpt = checkpoint("qwen2_bpe_sharded")
+    reference = tmp_path / "reference"
+    convert_mod.convert(ckpt, reference, progress=False, log=lambda *a: None)
+    issued, ahead_at_write = [], []
+    convert_tensor, write = writer._convert_tensor, writer.SafetensorsWriter.write
+
+    def counting_convert(job, x):
+        issued.append(job.name)
+        return convert_tensor(job, x)
+
+    def counting_write(self, name, array):
+        if name in issued:  # the first output of its tensor (others are renamed)
+            ahead_at_write.append(len(issued) - 1 - issued.index(name))
+        write(self, name, array)
+
+    monkeypatch.setattr(writer, "_convert_tensor", counting_convert)
+    monkeypatch.setattr(writer.SafetensorsWriter, "write", counting_write)
+    monkeypatch.setattr(writer, "AHEAD_TENSORS", tensors)
+    monkeypatch.setattr(writer, "AHEAD_BYTES", nbytes)
+    out = tmp_path / "out"
+    convert_mod.convert(ckpt, out, progress=False, log=lambda *a: None)
+    assert len(issued) > 10 and len(ahead_at_write) > 10
+    assert max(ahead_at_write) == ahead  # reached, never passed
+    assert ahead_at_write[-ahead - 1:] == list(range(ahead, -1, -1))  # the tail drains in order
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
 # per dtype: the unsigned type of its width and the bits of its largest finite value
 _LARGEST = {mx.bfloat16: (mx.uint16, 0x7F7F), mx.float16: (mx.uint16, 0x7BFF), mx.float32: (mx.uint32, 0x7F7FFFFF)}
 

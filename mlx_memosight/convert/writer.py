@@ -2,13 +2,14 @@
 files whose headers are known from the plan, so memory stays near the
 largest tensor rather than the largest shard."""
 
+import collections
 import itertools
 import json
 import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -141,14 +142,22 @@ def _check_finite(wf, job: TensorJob, x: mx.array, arrays: List[mx.array]):
 _STREAMS: Dict[str, list] = {}
 
 
-def _conversion_streams() -> list:
-    """The streams tensors are converted on: two on a CPU, one on a GPU;
-    made once per process and device (each CPU stream is a thread)."""
+def _conversion_streams() -> Tuple[list, object]:
+    """The streams tensors are converted on (two on a CPU, one on a GPU) and
+    the one their finished outputs are viewed as bits on; made once per
+    process and device (each CPU stream is a thread)."""
     device = mx.default_device()
     key = str(device)
     if key not in _STREAMS:
-        _STREAMS[key] = [mx.new_stream(device) for _ in range(2 if device == mx.cpu else 1)]
-    return _STREAMS[key]
+        _STREAMS[key] = [mx.new_stream(device) for _ in range(3 if device == mx.cpu else 2)]
+    *convert, finish = _STREAMS[key]
+    return convert, finish
+
+
+# How far conversion runs ahead of checking and writing: at most this many
+# tensors, and no more input bytes than this beyond the oldest tensor.
+AHEAD_TENSORS = 4
+AHEAD_BYTES = 512 << 20
 
 
 def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -172,11 +181,13 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
                file=sys.stderr)
     current, writer = None, None
 
-    def finish(stream, wf, job, x, arrays):
-        # on the tensor's own stream: the few ops of checking and writing it
-        # (bit views) would otherwise wait behind the next tensor's conversion
+    convert_streams, finish_stream = _conversion_streams()
+
+    def finish(wf, job, x, arrays):
         nonlocal current, writer
-        with mx.stream(stream):
+        # the bit views of checking and writing run on a stream of their own:
+        # on a conversion stream they would wait behind the tensors queued there
+        with mx.stream(finish_stream):
             _check_finite(wf, job, x, arrays)
             for name, a in zip(job.outputs, arrays):
                 if owner[name] != current:
@@ -188,32 +199,37 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
         release_stream_cache()
         bar.update()
 
-    # One tensor ahead: while a tensor is checked and written (numpy and file
-    # writes, which leave the interpreter lock), the next one is already being
-    # read and converted, on the other of two CPU streams (MLX runs each
-    # stream on a thread of its own), so that two conversions (quantisation
-    # is most of the work) can run at once. Neither is the default stream,
+    # Conversion runs ahead: while the oldest tensor is checked and written
+    # (numpy and file writes, which leave the interpreter lock), the next ones
+    # are read and converted, alternating between two CPU streams (MLX runs
+    # each stream on a thread of its own), so that two conversions
+    # (quantisation is most of the work) run at once and a small tensor does
+    # not leave a core idle beside a large one. Neither is the default stream,
     # where the checkpoint's lazy loads run: a load would wait behind a
-    # conversion there. Memory holds two tensors at most.
-    streams = itertools.cycle(_conversion_streams())
-    ahead = None
+    # conversion there. Memory holds the tensors in flight: at most
+    # AHEAD_TENSORS, and AHEAD_BYTES of input beyond the oldest.
+    streams = itertools.cycle(convert_streams)
+    ahead: collections.deque = collections.deque()
+    ahead_bytes = 0
     try:
         for wf in ckpt.files:
             jobs = by_file.get(id(wf), [])
             for job, (_, x) in zip(jobs, wf.arrays([j.name for j in jobs])):
-                stream = next(streams)
-                with mx.stream(stream):
+                with mx.stream(next(streams)):
                     arrays = _convert_tensor(job, x)
                     mx.async_eval([x] + arrays)
-                if ahead is not None:
-                    finish(*ahead)
-                ahead = (stream, wf, job, x, arrays)
+                ahead.append((wf, job, x, arrays))
+                ahead_bytes += x.nbytes
                 del arrays, x
-        if ahead is not None:
-            finish(*ahead)
+                while len(ahead) > AHEAD_TENSORS or (
+                        len(ahead) > 1 and ahead_bytes - ahead[0][2].nbytes > AHEAD_BYTES):
+                    ahead_bytes -= ahead[0][2].nbytes
+                    finish(*ahead.popleft())
+        while ahead:
+            finish(*ahead.popleft())
         writer.close()
     finally:
-        ahead = None
+        ahead.clear()
         mx.clear_cache()
         bar.close()
         if writer is not None and not writer.file.closed:
