@@ -1,6 +1,6 @@
-"""Writing the MLX model folder: tensors stream one at a time into safetensors
-files whose headers are known from the plan, so memory stays near the
-largest tensor rather than the largest shard."""
+"""Writing the MLX model folder: tensors stream into safetensors files whose
+headers are known from the plan, a few converted ahead of the one being
+written, so memory holds those few tensors rather than the largest shard."""
 
 import collections
 import itertools
