@@ -336,7 +336,10 @@ def train_one(kind, path, content_tokens):
                           peak=mx.get_peak_memory(), loss=value.item())), flush=True)
 
 
-def bench_train(path, tokens_list, note):
+TRAINERS = ("mlx_lm", "memosight", "memosight_all_keys", "memosight_mask")
+
+
+def bench_train(path, tokens_list, note, trainers=TRAINERS):
     import json
     import subprocess
 
@@ -344,7 +347,7 @@ def bench_train(path, tokens_list, note):
     log(f"{'content tokens':>15}{'physical':>10}{'trainer':>26}{'peak GB':>9}{'vs mlx_lm':>10}{'tokens/s':>10}")
     for n in tokens_list:
         rows = {}
-        for kind in ("mlx_lm", "memosight", "memosight_all_keys", "memosight_mask"):
+        for kind in trainers:
             out = subprocess.run([sys.executable, __file__, "--train-one", kind, str(path), str(n)],
                                  capture_output=True, text=True)
             if out.returncode:
@@ -386,10 +389,15 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--train-tokens", default="2048,4096", help="content tokens of the training samples")
+    p.add_argument("--trainers", default=",".join(TRAINERS),
+                   help=f"the train section's rows, any of {', '.join(TRAINERS)}")
     p.add_argument("--train-dtype", default="bfloat16" if sys.platform == "darwin" else "float32",
                    help="weights the LoRA steps train on (default: float32 off macOS, where MLX's CPU "
                         "backend multiplies bfloat16 matrices several times slower)")
     args = p.parse_args()
+    unknown = sorted(set(args.trainers.split(",")) - set(TRAINERS))
+    if unknown:
+        p.error(f"--trainers: unknown {', '.join(unknown)} (any of {', '.join(TRAINERS)})")
     from mlx_memosight.backend import describe
 
     sections = args.sections.split(",")
@@ -417,7 +425,7 @@ def main():
         bench_passes(paths.get("bfloat16") or next(iter(paths.values())), note)
     if "train" in sections:
         tpath = variants(work, ckpt, [args.train_dtype])[args.train_dtype]
-        bench_train(tpath, [int(n) for n in args.train_tokens.split(",")], note)
+        bench_train(tpath, [int(n) for n in args.train_tokens.split(",")], note, args.trainers.split(","))
 
 
 if __name__ == "__main__":
