@@ -12,21 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import mlx.core as mx  # noqa: E402
-
 from conftest import shared_path  # noqa: E402
-from convert import torch_layout  # noqa: E402
+from convert import parity  # noqa: E402
 from mlx_memosight.config import MemoSightConfig  # noqa: E402
 from mlx_memosight.convert import convert  # noqa: E402
-from mlx_memosight.layout import PassBuilder, StepState, build_training_sample, encode_steps  # noqa: E402
 from mlx_memosight.loading import load_folder  # noqa: E402
-from mlx_memosight.model import forward  # noqa: E402
 
 TOL = 1e-4
 SHAPES = ["qwen2.5-0.5b-instruct", "llama-3.2-1b-instruct", "qwen3-0.6b"]
-SYSTEM = "Think step by step."  # short: the default system prompt is 200 tokens
-QUESTION = "Anna reads 15 pages a day. How many pages does she read in 4 days?"
-THOUGHTS = ["Each day she reads 15 pages.", "In 4 days that is 15 * 4 = 60 pages.", "The answer is \\boxed{60}."]
 
 
 @pytest.fixture(scope="module", params=SHAPES)
@@ -46,23 +39,8 @@ def shape(request, tmp_path_factory):
     return name, hf, folder, MemoSightConfig.load(root / "mlx"), info
 
 
-def both(hf, model, ids, positions, mask, rows):
-    """Final hidden states at every position and logits at ``rows``, from
-    transformers and from MLX (the vocabulary projection at every position
-    would dominate the test's time)."""
-    from mlx_memosight.model import lm_head
-
-    with torch.no_grad():
-        out = hf(input_ids=torch.tensor([list(ids)]), position_ids=torch.tensor([list(positions)]),
-                 attention_mask=torch_layout.additive_mask(torch.tensor(np.asarray(mask))),
-                 output_hidden_states=True, logits_to_keep=torch.tensor(rows))
-    h = forward(model, ids, positions, mx.array(mask), hidden=True)
-    logits = lm_head(model, h[:, mx.array(rows)])
-    return (out.hidden_states[-1][0].detach().numpy(), np.array(h[0]),
-            out.logits[0].detach().numpy(), np.array(logits[0]))
-
-
-def check(t_hidden, m_hidden, t_logits, m_logits):
+def check(hf, folder, case):
+    t_hidden, m_hidden, t_logits, m_logits = parity.both(hf, folder.model, case)
     assert np.abs(t_logits).max() > 0.1  # not a comparison of near-zeros
     np.testing.assert_allclose(m_hidden, t_hidden, atol=TOL * max(1.0, np.abs(t_hidden).max()), rtol=0)
     np.testing.assert_allclose(m_logits, t_logits, atol=TOL, rtol=0)
@@ -87,40 +65,18 @@ def test_the_checkpoint_has_the_published_shape(shape):
 
 def test_training_sample_parity(shape):
     name, hf, folder, cfg, _ = shape
-    tok = folder.hf_tokenizer
-    prompt = tok.encode(cfg.template.render(QUESTION, SYSTEM), add_special_tokens=False)
-    steps, lens = encode_steps(tok, THOUGHTS)
-    s = build_training_sample(prompt, steps, cfg.token_ids, cfg.compression_ratio, 2, thought_lens=lens)
-    assert {2, 3, 4} <= set(s.roles.tolist())
-    # logits at a foresight, a memory, the continue token and the last token
-    rows = [int(np.argmax(s.roles == r)) for r in (2, 3, 4)] + [len(s) - 1]
-    check(*both(hf, folder.model, s.input_ids.tolist(), s.positions.tolist(), s.mask(), rows))
+    case = parity.training_case(folder.hf_tokenizer, cfg)
+    assert len(case.rows) == 4 and len(set(case.rows)) == 4
+    check(hf, folder, case)
 
 
-@pytest.mark.parametrize("kind", ["prefill", "accelerate", "verify", "fused", "compress"])
+@pytest.mark.parametrize("kind", parity.PASS_KINDS)
 def test_inference_pass_parity(shape, kind):
     """Each pass after a causal prefix of the prompt and a step's text."""
     name, hf, folder, cfg, _ = shape
-    tok = folder.hf_tokenizer
-    prefix = tok.encode(cfg.template.render(QUESTION, SYSTEM) + THOUGHTS[0] + "\n", add_special_tokens=False)
-    prefix = prefix + [cfg.token_ids.splitter]
-    cache_len = len(prefix) - 1  # the splitter is fed by the pass
-    step = StepState(cache_len - 8, cache_len - 8)
-    b = PassBuilder(cfg)
-    words = tok.encode(" In 4 days", add_special_tokens=False)
-    p = {"prefill": b.prefill(words, cache_len, cache_len),
-         "accelerate": b.decode(words[0], cache_len, cache_len, draft_len=3),
-         "verify": b.verify(words, cache_len, cache_len),
-         "fused": b.decode(words[0], cache_len, cache_len, drafts=words[1:], draft_len=2),
-         "compress": b.compress(step, cache_len, draft_len=2)}[kind]
-    n = len(p)
-    mask = np.zeros((cache_len + n, cache_len + n), bool)
-    mask[:cache_len, :cache_len] = np.tril(np.ones((cache_len, cache_len), bool))
-    mask[cache_len:] = p.rule.mask()
-    ids = prefix[:cache_len] + p.tokens.tolist()
-    positions = list(range(cache_len)) + p.positions.tolist()
-    th, mh, tl, ml = both(hf, folder.model, ids, positions, mask, list(range(cache_len, cache_len + n)))
-    check(th[cache_len:], mh[cache_len:], tl, ml)
+    case = parity.pass_case(folder.hf_tokenizer, cfg, kind)
+    assert case.rows == list(range(case.start, len(case.ids)))
+    check(hf, folder, case)
 
 
 def test_memosight_decoding_runs_at_the_shape(shape):
@@ -130,7 +86,42 @@ def test_memosight_decoding_runs_at_the_shape(shape):
     from mlx_memosight.engine import Engine
 
     name, hf, folder, cfg, _ = shape
-    ids = folder.hf_tokenizer.encode(cfg.template.render(QUESTION, SYSTEM), add_special_tokens=False)
+    prompt = cfg.template.render(parity.QUESTION, parity.SYSTEM)
+    ids = folder.hf_tokenizer.encode(prompt, add_special_tokens=False)
     plain = [e.token for e in Engine(folder.model, cfg, foresight=False).generate(ids, 10)]
     drafted = [e.token for e in Engine(folder.model, cfg, draft_len=2, foresight_sets="all").generate(ids, 10)]
     assert drafted == plain and len(plain) == 10
+
+
+def test_full_depth_script(tmp_path):
+    """examples/check_real_shape.py (here at one layer): every input within
+    the tolerance and llama.cpp's greedy tokens equal MLX's; and it fails,
+    exit 1, when the MLX model differs from the checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(ROOT / "examples" / "check_real_shape.py"), "qwen3-0.6b",
+                               "--layers", "1", "--work", str(tmp_path), "--shared", str(shared_path()), *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    r = run("--gguf", "--tokens", "4")
+    if "llama_cpp" in r.stderr and "No module named" in r.stderr:
+        pytest.skip("llama-cpp-python is not installed (the test extra)")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()}
+    for kind in ("training",) + parity.PASS_KINDS:
+        assert rows[kind][-1] == "yes" and float(rows[kind][3]) <= TOL, rows[kind]
+    assert "greedy tokens equal: 4 of 4" in r.stdout and r.stdout.rstrip().endswith("all within tolerance")
+
+    import mlx.core as mx
+
+    weights = tmp_path / "mlx-float32" / "model.safetensors"
+    w = mx.load(str(weights))
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.01
+    mx.eval(w)  # read before the file is written over
+    mx.save_safetensors(str(weights), w, metadata={"format": "mlx"})
+    r = run()
+    assert r.returncode == 1 and "DIFFERENCES over the tolerance" in r.stdout, r.stdout + r.stderr

@@ -112,6 +112,40 @@ def test_adapters_load_with_mlx_lm_and_fuse(trained, capsys):
     assert code == 1 and "already exists (--force replaces it)" in err and err.count("\n") == 1
 
 
+def test_qwen3_trains_fuses_and_evaluates(tmp_path, capsys):
+    """A Qwen3 base model (q / k norms) through lora, fuse and evaluate: the
+    fused model is a qwen3 model with the family's defaults, computes what
+    the adapters compute on the base, and evaluate decodes with it."""
+    from conftest import shared_path
+    from mlx_memosight import evaluate as evaluate_cli
+
+    base = make_base_model(tmp_path / "base", family="qwen3")
+    data = make_data(tmp_path / "data", n_train=8, n_valid=4)
+    code, out, err = run_cli(lora_cli.main, [
+        "--model", base, "--data", data, "--train", "--iters", 4, "--learning-rate", 2e-3,
+        "--steps-per-eval", 4, "--val-batches", 1, "--adapter-path", tmp_path / "adapters",
+        "--save-base", tmp_path / "base_ms"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(fuse_cli.main, ["--model", base, "--adapter-path", tmp_path / "adapters",
+                                           "--save-path", tmp_path / "fused"], capsys)
+    assert code == 0, err
+    folder = load_folder(tmp_path / "fused")
+    assert folder.config["model_type"] == "qwen3" and hasattr(folder.model.layers[0].self_attn, "q_norm")
+    assert folder.memosight.template.name == "qwen" and folder.memosight.compression_ratio == 6
+    adapted, _ = mlx_lm.load(str(tmp_path / "base_ms"), adapter_path=str(tmp_path / "adapters"))
+    base_ms, _ = mlx_lm.load(str(tmp_path / "base_ms"))
+    x = mx.array([[1, 40, 41, 300, 308, 309, 400, 2]])
+    np.testing.assert_allclose(np.array(folder.model(x)), np.array(adapted(x)), atol=1e-4)
+    assert np.abs(np.array(base_ms(x)) - np.array(adapted(x))).max() > 1e-3
+    records = tmp_path / "gsm8k.jsonl"
+    code, out, err = run_cli(evaluate_cli.main, ["--model", tmp_path / "fused", "--data",
+                                                 shared_path("eval", "gsm8k.json"), "--limit", 2,
+                                                 "--max-tokens", 24, "--out", records], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(rows) == 2 and all(1 <= r["output_tokens"] <= 24 for r in rows) and "Accuracy:" in out
+
+
 def test_resume_starts_from_the_saved_adapters(trained, capsys):
     workdir, _ = trained
     model, tok = mlx_lm.load(str(workdir / "base_ms"), adapter_path=str(workdir / "adapters"))
