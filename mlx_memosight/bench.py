@@ -494,11 +494,18 @@ class BatchRun:
     peak_kv: int  # entries of every sequence in the batch together, at the fullest
     seq_peak_kv: List[int]  # per sequence, its own largest cache
     passes: int = 0
+    # tokens fed to the model after the prompts, padding left out: plain decoding feeds each
+    # token it generated but the last; MemoSight also feeds memory tokens, continues and drafts
+    fed: int = 0
     correct: List[Optional[bool]] = field(default_factory=list)
 
     @property
     def generated(self) -> int:
         return sum(len(t) for t in self.tokens)
+
+    @property
+    def fed_per_token(self) -> float:
+        return self.fed / self.generated if self.generated else 0.0
 
     @property
     def tps(self) -> float:
@@ -535,7 +542,8 @@ def run_mlx_lm_batched(model, prompts, max_tokens, stop_ids, batch_size) -> Batc
         gen.close()
     seconds = time.perf_counter() - tic
     return BatchRun("mlx_lm", batch_size, tokens, seconds, peak,
-                    [len(p) + len(t) - 1 for p, t in zip(prompts, tokens)], steps)
+                    [len(p) + len(t) - 1 for p, t in zip(prompts, tokens)], steps,
+                    fed=sum(max(len(t) - 1, 0) for t in tokens))
 
 
 def run_engine_batched(model, tokenizer, prompts, max_tokens, batch_size, **kw) -> BatchRun:
@@ -546,16 +554,17 @@ def run_engine_batched(model, tokenizer, prompts, max_tokens, batch_size, **kw) 
     engine = make_engine(model, tokenizer, batch=True, **kw)
     tic = time.perf_counter()
     tokens, seq_peak = [[] for _ in prompts], [0] * len(prompts)
-    peak = steps = 0
+    peak = steps = fed = 0
     for results in engine.run(prompts, max_tokens, batch_size):
         for i, r in results:
             tokens[i] += [e.token for e in r.events]
             if r.finished:
                 seq_peak[i] = r.stats.peak_kv_tokens
+                fed += r.stats.pass_tokens
         steps += 1
         peak = max(peak, sum(engine.batch.lengths))
     seconds = time.perf_counter() - tic
-    return BatchRun("memosight", batch_size, tokens, seconds, peak, seq_peak, steps)
+    return BatchRun("memosight", batch_size, tokens, seconds, peak, seq_peak, steps, fed=fed)
 
 
 def bench_batched(model_path, prompts, batch_sizes, max_tokens=256, plain_model_path=None, system=None,
@@ -618,7 +627,7 @@ def format_batched(runs: List[BatchRun]) -> str:
     throughput against mlx_lm at the same batch size and against the same
     configuration at the smallest batch size."""
     head = f"{'batch':>5}  {'config':<11}{'tokens':>8}{'tok/s':>9}{'vs mlx_lm':>11}{'vs smallest':>13}" \
-           f"{'peak KV':>9}{'KV vs mlx_lm':>14}{'fit 64 MB':>11}{'accuracy':>10}"
+           f"{'passes':>8}{'fed/token':>11}{'peak KV':>9}{'KV vs mlx_lm':>14}{'fit 64 MB':>11}{'accuracy':>10}"
     lines = [head, "-" * len(head)]
     first = {}
     for r in runs:
@@ -630,10 +639,13 @@ def format_batched(runs: List[BatchRun]) -> str:
         acc = f"{sum(known) / len(known):.1%}" if known else "-"
         lines.append(
             f"{r.batch_size:>5}  {r.config:<11}{r.generated:>8}{r.tps:>9.1f}{r.tps / base.tps:>10.2f}x"
-            f"{r.tps / first[r.config].tps:>12.2f}x{r.peak_kv:>9}{r.peak_kv / base.peak_kv:>13.2f}x"
+            f"{r.tps / first[r.config].tps:>12.2f}x{r.passes:>8}{r.fed_per_token:>11.3f}"
+            f"{r.peak_kv:>9}{r.peak_kv / base.peak_kv:>13.2f}x"
             f"{r.fits():>11}{acc:>10}"
         )
-    lines.append(f"(vs smallest: against the same config at batch {runs[0].batch_size}; peak KV: entries of "
+    lines.append(f"(vs smallest: against the same config at batch {runs[0].batch_size}; passes: forward passes "
+                 "of the batch; fed/token: tokens fed to the model after the prompts (memory tokens, continues "
+                 "and drafts with MemoSight; padding left out) per generated token; peak KV: entries of "
                  "all sequences in the batch together at the fullest; fit 64 MB: sequences of the mean "
                  "largest cache that fit in 64 MB of KV at the Qwen2.5-1.5B shape, "
                  f"{QWEN_1_5B_ENTRY_BYTES:,} bytes an entry)")
@@ -688,7 +700,7 @@ def _bench_batched(args, model_path, items, describe):
         out.mkdir(parents=True, exist_ok=True)
         rows = [dict(config=r.config, batch_size=r.batch_size, generated_tokens=r.generated,
                      seconds=r.seconds, tokens_per_second=r.tps, peak_kv_tokens=r.peak_kv,
-                     mean_sequence_peak_kv_tokens=statistics.mean(r.seq_peak_kv), steps=r.passes,
+                     mean_sequence_peak_kv_tokens=statistics.mean(r.seq_peak_kv), steps=r.passes, fed_tokens=r.fed,
                      sequences_in_64mb_at_qwen2_5_1_5b=r.fits(),
                      accuracy=(lambda k: sum(k) / len(k) if k else None)([c for c in r.correct if c is not None]))
                 for r in runs]

@@ -93,6 +93,7 @@ def test_bench_batched(tmp_path, capsys):
     entries of the whole batch and the sequences a 64 MB budget holds."""
     from mlx_memosight import demo
     from mlx_memosight.bench import bench_batched, format_batched
+    from mlx_memosight.config import MemoSightConfig
     from mlx_memosight.demo import demo_model_path
 
     items = demo.heldout_items(6)
@@ -105,8 +106,17 @@ def test_bench_batched(tmp_path, capsys):
     assert lm3.peak_kv > lm1.peak_kv and ms3.peak_kv > ms1.peak_kv
     assert ms3.peak_kv < 0.5 * lm3.peak_kv and ms3.fits() > lm3.fits()
     assert all(c is not None for c in ms3.correct)
+    # plain decoding feeds back each token but the last; MemoSight feeds memory tokens and continues too
+    assert lm3.fed == sum(len(t) - 1 for t in lm3.tokens) and ms3.fed == ms1.fed
+    splitter = MemoSightConfig.load(demo_model_path()).token_ids.splitter
+    steps = sum(max(t.count(splitter) - 1, 0) for t in ms1.tokens)  # compressed, the last step aside
+    assert steps >= len(items)
+    # each compressed step feeds at least one memory token and a continue
+    assert ms1.fed >= sum(len(t) - 1 for t in ms1.tokens) + 2 * steps and ms1.fed_per_token > 1.05
     table = format_batched(runs)
     assert "fit 64 MB" in table and len([x for x in table.splitlines() if "memosight" in x]) == 2
+    row = next(x for x in table.splitlines() if x.split()[:2] == ["3", "memosight"]).split()
+    assert int(row[6]) == ms3.passes and float(row[7]) == round(ms3.fed_per_token, 3)
     out = tmp_path / "out"
     code, stdout, stderr = run_command(main, ["--prompt", "What is 2 + 3?", "--prompt", "Add 4 and 5.",
                                               "--max-tokens", "40", "--batch-size", "2", "--out", out], capsys)
