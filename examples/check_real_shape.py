@@ -9,9 +9,11 @@ fused verify-and-draft and compress passes after a causal prefix) the largest
 difference of the final hidden states (relative to their largest magnitude)
 and of the logits between this project and transformers, against the tests'
 tolerance (1e-4). With ``--gguf``, the model is also exported as an f32 GGUF
-file, which llama.cpp (llama-cpp-python) loads: its logits on the prompt
-against MLX's and its greedy continuation token for token against MLX's.
-Exits 1 when a difference is over the tolerance or a token differs.
+file, which llama.cpp (llama-cpp-python) loads: its tokenization of the
+prompt, its logits on the prompt against MLX's (relative to the largest, within
+2e-3: llama.cpp's CPU kernels round some products of an f32 file through
+float16) and its greedy continuation token for token against MLX's. Exits 1
+when a difference is over its tolerance or a token differs.
 
     python examples/check_real_shape.py qwen3-0.6b --gguf
     python examples/check_real_shape.py llama-3.2-1b-instruct --layers 8
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 TOL = 1e-4
+GGUF_TOL = 2e-3  # llama.cpp's logits against MLX's, relative to the largest
 
 
 def log(*a):
@@ -62,15 +65,15 @@ def gguf_check(folder, out: Path, tokens: int) -> bool:
                           compress=False).token_ids
     llm.reset()
     cpp_tokens = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0) if mlx_tokens else ():
         cpp_tokens.append(t)
         if len(cpp_tokens) == len(mlx_tokens):
             break
     agree = next((i for i, (a, b) in enumerate(zip(mlx_tokens, cpp_tokens)) if a != b), len(mlx_tokens))
     log(f"llama.cpp: tokenizes the prompt as transformers: {'yes' if same_ids else 'NO'}; logits on the "
-        f"{len(ids)}-token prompt vs MLX: {diff:.1e} of the largest; greedy tokens equal: {agree} of "
-        f"{len(mlx_tokens)}")
-    return same_ids and agree == len(mlx_tokens)
+        f"{len(ids)}-token prompt vs MLX: {diff:.1e} of the largest (within {GGUF_TOL:g}: "
+        f"{'yes' if diff <= GGUF_TOL else 'NO'}); greedy tokens equal: {agree} of {len(mlx_tokens)}")
+    return same_ids and diff <= GGUF_TOL and agree == len(mlx_tokens)
 
 
 def main(argv=None) -> int:

@@ -643,8 +643,8 @@ def format_batched(runs: List[BatchRun]) -> str:
             f"{r.peak_kv:>9}{r.peak_kv / base.peak_kv:>13.2f}x"
             f"{r.fits():>11}{acc:>10}"
         )
-    lines.append(f"(vs smallest: against the same config at batch {runs[0].batch_size}; passes: forward passes "
-                 "of the batch; fed/token: tokens fed to the model after the prompts (memory tokens, continues "
+    lines.append(f"(vs smallest: against the same config at batch {runs[0].batch_size}; passes: steps of each tool's "
+                 "batch loop; fed/token: tokens fed to the model after the prompts (memory tokens, continues "
                  "and drafts with MemoSight; padding left out) per generated token; peak KV: entries of "
                  "all sequences in the batch together at the fullest; fit 64 MB: sequences of the mean "
                  "largest cache that fit in 64 MB of KV at the Qwen2.5-1.5B shape, "

@@ -107,12 +107,12 @@ def test_bench_batched(tmp_path, capsys):
     assert ms3.peak_kv < 0.5 * lm3.peak_kv and ms3.fits() > lm3.fits()
     assert all(c is not None for c in ms3.correct)
     # plain decoding feeds back each token but the last; MemoSight feeds memory tokens and continues too
-    assert lm3.fed == sum(len(t) - 1 for t in lm3.tokens) and ms3.fed == ms1.fed
+    assert lm1.fed == lm3.fed == sum(len(t) - 1 for t in lm3.tokens)
     splitter = MemoSightConfig.load(demo_model_path()).token_ids.splitter
     steps = sum(max(t.count(splitter) - 1, 0) for t in ms1.tokens)  # compressed, the last step aside
     assert steps >= len(items)
-    # each compressed step feeds at least one memory token and a continue
-    assert ms1.fed >= sum(len(t) - 1 for t in ms1.tokens) + 2 * steps and ms1.fed_per_token > 1.05
+    for r in (ms1, ms3):  # each compressed step feeds at least one memory token and a continue (drafts: more)
+        assert r.fed >= sum(len(t) - 1 for t in r.tokens) + 2 * steps and r.fed_per_token > 1.05
     table = format_batched(runs)
     assert "fit 64 MB" in table and len([x for x in table.splitlines() if "memosight" in x]) == 2
     row = next(x for x in table.splitlines() if x.split()[:2] == ["3", "memosight"]).split()

@@ -154,8 +154,11 @@ def _conversion_streams() -> Tuple[list, object]:
     return convert, finish
 
 
-# How far conversion runs ahead of checking and writing: at most this many
-# tensors, and no more input bytes than this beyond the oldest tensor.
+# How far conversion runs ahead of checking and writing: a new tensor is
+# queued, then the oldest are written until at most AHEAD_TENSORS remain and
+# the input bytes beyond the oldest are at most AHEAD_BYTES (so while one is
+# written, up to AHEAD_TENSORS others convert, and a tensor larger than
+# AHEAD_BYTES still goes ahead, alone).
 AHEAD_TENSORS = 4
 AHEAD_BYTES = 512 << 20
 
@@ -206,8 +209,8 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
     # (quantisation is most of the work) run at once and a small tensor does
     # not leave a core idle beside a large one. Neither is the default stream,
     # where the checkpoint's lazy loads run: a load would wait behind a
-    # conversion there. Memory holds the tensors in flight: at most
-    # AHEAD_TENSORS, and AHEAD_BYTES of input beyond the oldest.
+    # conversion there. Memory holds the tensors in flight (AHEAD_TENSORS,
+    # AHEAD_BYTES) and their outputs.
     streams = itertools.cycle(convert_streams)
     ahead: collections.deque = collections.deque()
     ahead_bytes = 0
@@ -230,6 +233,8 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, max_shard_bytes: int 
         writer.close()
     finally:
         ahead.clear()
+        for stream in convert_streams:  # after an error, conversions queued ahead may still run
+            mx.synchronize(stream)
         mx.clear_cache()
         bar.close()
         if writer is not None and not writer.file.closed:
