@@ -45,10 +45,9 @@ def gguf_check(folder, out: Path, tokens: int) -> bool:
     greedy tokens against MLX's. Whether the tokens agree."""
     from llama_cpp import Llama
 
-    from mlx_memosight import generate
-    from mlx_memosight.gguf import export_gguf
-    from mlx_memosight.model import forward
     from convert import parity
+    from gguf_check import greedy_agreement, logits
+    from mlx_memosight.gguf import export_gguf
 
     tic = time.perf_counter()
     export_gguf(folder.path, out, "f32", force=True, progress=False, log=lambda *a: None)
@@ -59,21 +58,13 @@ def gguf_check(folder, out: Path, tokens: int) -> bool:
     same_ids = llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == ids
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
-    mine = np.array(forward(folder.model, ids, 0, "causal")[0])
+    mine = logits(folder.model, ids)
     diff = np.abs(theirs - mine).max() / max(1.0, np.abs(mine).max())
-    mlx_tokens = generate(folder.model, folder.tokenizer, ids, max_tokens=tokens, foresight=False,
-                          compress=False).token_ids
-    llm.reset()
-    cpp_tokens = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0) if mlx_tokens else ():
-        cpp_tokens.append(t)
-        if len(cpp_tokens) == len(mlx_tokens):
-            break
-    agree = next((i for i, (a, b) in enumerate(zip(mlx_tokens, cpp_tokens)) if a != b), len(mlx_tokens))
+    agree, n = greedy_agreement(llm, folder.model, folder.tokenizer, ids, tokens)
     log(f"llama.cpp: tokenizes the prompt as transformers: {'yes' if same_ids else 'NO'}; logits on the "
         f"{len(ids)}-token prompt vs MLX: {diff:.1e} of the largest (within {GGUF_TOL:g}: "
-        f"{'yes' if diff <= GGUF_TOL else 'NO'}); greedy tokens equal: {agree} of {len(mlx_tokens)}")
-    return same_ids and diff <= GGUF_TOL and agree == len(mlx_tokens)
+        f"{'yes' if diff <= GGUF_TOL else 'NO'}); greedy tokens equal: {agree} of {n}")
+    return same_ids and diff <= GGUF_TOL and agree == n
 
 
 def main(argv=None) -> int:

@@ -35,12 +35,14 @@ def logits(model, ids):
 
 
 def greedy_agreement(llm, model, tok, ids, n):
+    """``(how many of MLX's greedy tokens llama.cpp's begin with, how many
+    MLX made)``: up to ``n`` tokens after ``ids``."""
     from mlx_memosight import generate
 
     mine = generate(model, tok, ids, max_tokens=n, foresight=False, compress=False).token_ids
     llm.reset()
     theirs = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0) if mine else ():
         theirs.append(t)
         if len(theirs) == len(mine):
             break
