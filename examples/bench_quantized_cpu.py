@@ -13,20 +13,8 @@ bfloat16 or float16 checkpoint) pays that precision's speed on the CPU;
 """
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
-
-
-def seconds(fn, rounds: int) -> float:
-    mx.eval(fn())
-    times = []
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def main():
@@ -37,21 +25,22 @@ def main():
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    from mlx_memosight.backend import describe
+    from mlx_memosight.backend import describe, median_seconds
 
     out_dim, in_dim = args.shape
     w32 = mx.random.normal((out_dim, in_dim), key=mx.random.key(0))
     x32 = mx.random.normal((args.tokens, in_dim), key=mx.random.key(1))
-    rows = []
+    products = {}
     for name in ("float32", "bfloat16", "float16"):
         dt = getattr(mx, name)
         w, x = w32.astype(dt), x32.astype(dt)
         q, s, b = mx.quantize(w, args.group_size, args.bits)
         mx.eval(w, x, q, s, b)
-        dense = seconds(lambda: x @ w.T, args.rounds)
-        quant = seconds(lambda: mx.quantized_matmul(x, q, s, b, transpose=True, group_size=args.group_size,
-                                                    bits=args.bits), args.rounds)
-        rows.append((name, dense, quant))
+        products[name, "dense"] = lambda x=x, w=w: x @ w.T
+        products[name, "quantized"] = lambda x=x, q=q, s=s, b=b: mx.quantized_matmul(
+            x, q, s, b, transpose=True, group_size=args.group_size, bits=args.bits)
+    times = median_seconds(list(products), lambda key: mx.eval(products[key]()), args.rounds, warmup=1)
+    rows = [(name, times[name, "dense"], times[name, "quantized"]) for name in ("float32", "bfloat16", "float16")]
     base = rows[0][2]
     print(f"device: {describe()}; {args.tokens} token(s) x ({out_dim} x {in_dim}) weights, median of "
           f"{args.rounds}")

@@ -178,8 +178,8 @@ def one_token_costs(model, lengths: Sequence[int], rounds: int = 7, warmup: int 
 # a 896 x 4864 matrix took 5.1 ms in float32, 4.7 ms in bfloat16 and 10.0 ms in
 # float16. Quantized products run in the precision of their scales
 # (examples/bench_quantized_cpu.py): one token with an 8960 x 1536 4-bit
-# matrix took 11.8 ms with float32 scales (dense float32: 11.3 ms), 95.3 ms
-# with bfloat16 ones (8.1x) and 428 ms with float16 ones (36.2x).
+# matrix took 11.9 ms with float32 scales (dense float32: 11.6 ms), 95.9 ms
+# with bfloat16 ones (8.0x) and 427 ms with float16 ones (35.7x).
 SLOW_ON_CPU = {"float16": "about half the speed of float32",
                "quantized": "8-36x slower than with float32 ones"}
 HALF = (mx.float16, mx.bfloat16)
