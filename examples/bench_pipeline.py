@@ -2,7 +2,7 @@
 ahead or one after another (``--switch pipeline``), or passes run as one
 compiled function or built op by op (``--switch compiled``).
 
-    python examples/bench_pipeline.py [--switch pipeline|compiled] [--model PATH] [--data JSONL]
+    python examples/bench_pipeline.py [--switch pipeline|compiled] [--batch] [--model PATH] [--data JSONL]
         [--limit 40] [--rounds 3]
 
 ``pipeline``: while a fused pass computes, the engine builds and issues the
@@ -16,8 +16,11 @@ This decodes the same problems with the switch on and off, interleaved
 tokens, and prints tokens/s, the ratio and how many passes issued ahead were
 dropped, for each foresight layout (``last`` and ``all``) at a fixed draft
 length and for the policy's own choice (and, for ``compiled``, compression
-without drafting and plain decoding). Default model: the packaged demo model
-on its held-out problems.
+without drafting and plain decoding). With ``--batch``, the same through the
+batch engine (``BatchEngine``, what the server, ``evaluate --batch-size`` and
+``bench --batch-size`` run), one problem at a time in the batch: there
+``pipeline`` also switches the plain-decoding passes issued ahead. Default
+model: the packaged demo model on its held-out problems.
 """
 
 import argparse
@@ -29,19 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_memosight import demo, load_for_decoding  # noqa: E402
 from mlx_memosight.backend import describe  # noqa: E402
-from mlx_memosight.engine import Engine  # noqa: E402
+from mlx_memosight.engine import BatchEngine, Engine  # noqa: E402
 from mlx_memosight.policy import forget_acceptance  # noqa: E402
 
 
 def decode(engine, prompts, max_tokens):
-    """``(tokens of every prompt, seconds, passes, passes dropped)``."""
+    """``(tokens of every prompt, seconds, passes, passes dropped)``, one
+    prompt after another."""
     out, seconds, passes, dropped = [], 0.0, 0, 0
     for ids in prompts:
         tic = time.perf_counter()
-        out.append([e.token for e in engine.generate(ids, max_tokens)])
+        if isinstance(engine, BatchEngine):
+            tokens, stats = [], None
+            for results in engine.run([ids], max_tokens, 1):
+                for _, r in results:
+                    tokens += [e.token for e in r.events]
+                    stats = r.stats
+        else:
+            tokens = [e.token for e in engine.generate(ids, max_tokens)]
+            stats = engine.stats
         seconds += time.perf_counter() - tic
-        passes += engine.stats.forward_passes
-        dropped += engine.stats.discarded_passes
+        out.append(tokens)
+        passes += stats.forward_passes
+        dropped += stats.discarded_passes
     return out, seconds, passes, dropped
 
 
@@ -53,6 +66,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--switch", choices=["pipeline", "compiled"], default="pipeline")
+    p.add_argument("--batch", action="store_true", help="through the batch engine, one problem at a time")
     args = p.parse_args(argv)
     if args.limit < 1 or args.rounds < 1 or args.max_tokens < 1:
         p.error("--limit, --rounds and --max-tokens must be at least 1")
@@ -63,7 +77,7 @@ def main(argv=None):
     prompts = demo.problem_prompts(tokenizer, cfg, args.limit, args.data)
     off, on = ("one by one", "ahead") if args.switch == "pipeline" else ("op by op", "compiled")
     print(f"device: {describe()}, {len(prompts)} problems, fastest of {args.rounds} rounds, "
-          f"switch: {args.switch}")
+          f"switch: {args.switch}" + (", batch engine" if args.batch else ""))
     print(f"{'drafting':<26}{off:>12}{on:>10}{'ratio':>8}{'passes':>9}{'dropped':>9}")
     configs = [("draft 3, last sets", dict(draft_len=3, foresight_sets="last")),
                ("draft 3, all sets", dict(draft_len=3, foresight_sets="all")),
@@ -75,7 +89,7 @@ def main(argv=None):
         for _ in range(args.rounds):
             for switched in (False, True):
                 forget_acceptance(model)  # the policy's rows start alike (not from the runs before)
-                engine = Engine(model, cfg, **kw)
+                engine = (BatchEngine if args.batch else Engine)(model, cfg, **kw)
                 setattr(engine, args.switch, switched)
                 toks, seconds, passes, dropped = decode(engine, prompts, args.max_tokens)
                 if switched in tokens and tokens[switched] != toks:

@@ -262,7 +262,8 @@ class BatchLayerCache(LayerCache):
 
 class BatchRow:
     """One sequence's view of a :class:`BatchKVCache`: what the decoder of
-    one sequence asks of a cache (``length``, ``trim``, ``evict``)."""
+    one sequence asks of a cache (``length``, ``trim``, ``restore``,
+    ``evict``)."""
 
     def __init__(self, batch: "BatchKVCache", length: int):
         self.batch = batch
@@ -276,6 +277,14 @@ class BatchRow:
         if n < 0 or n > self.length:
             raise ValueError(f"cannot trim {n} of {self.length} entries")
         self.length -= n
+
+    def restore(self, n: int):
+        """Take back the last ``n`` entries dropped by :meth:`trim`, when
+        nothing was written to this row since (its slots still hold them)."""
+        layer = self.batch.layers[0]
+        if n < 0 or self.length + n > (layer.keys.shape[2] if layer.keys is not None else 0):
+            raise ValueError(f"cannot restore {n} entries after {self.length}")
+        self.length += n
 
     def evict(self, start: int, end: int):
         self.batch.evict(self, start, end)

@@ -463,36 +463,36 @@ class Engine:
             mx.async_eval(chosen)
         nxt = self._issue_after(seq, plan, chosen)
         tokens = chosen.tolist()
-        k = len(plan.drafts)
         if nxt is None:
             seq.apply(plan, tokens)
             return None
-        after, lazy, source, (choices, accepted, peak) = nxt
-        width = len(after.p)
-        seq.cache.trim(width)
-        seq.apply(plan, tokens, held=1 + k)
-        s = seq.state
-        n = len(after.drafts)
-        if (seq.stats.accepted_draft_tokens - accepted == k and seq.done() is None and not seq.must_compress()
-                and len(s.drafts) >= n):
-            seq.cache.restore(width)
-            drafts = [int(t) for t in tokens[source : source + n]]
-            after.drafts[:] = drafts
-            after.p.tokens[: n + 1] = [s.anchor] + drafts
-            after.prefixes = [after.p.tokens[1 : i + 1] for i in range(n + 1)]
-            return after, lazy
-        if seq.policy is not None:
-            seq.policy.undo_choices(choices)
-        seq.stats.peak_kv_tokens = max(peak, seq.cache.length)
-        seq.stats.discarded_passes += 1
-        return None
+        after, lazy, source, saved = nxt
+        return (after, lazy) if self._take_after(seq, plan, tokens, after, source, saved) else None
 
     def _issue_after(self, seq: "Decoding", plan: "Plan", chosen: mx.array):
         """Issue the fused pass that follows ``plan`` if all its drafts are
         accepted (see :meth:`_fused_step`); returns ``(its plan, its tokens
         (lazy), where its drafts are among this pass's tokens, the policy
-        state and accepted-draft count to go back to)``, or None where that
-        pass cannot be foreseen (the cache is then as it was)."""
+        state and counts to go back to)``, or None where that pass cannot be
+        foreseen (the cache is then as it was)."""
+        planned = self._plan_after(seq, plan)
+        if planned is None:
+            return None
+        after, source, saved = planned
+        n, k = len(after.drafts), len(plan.drafts)
+        x = mx.concatenate([chosen[k : k + 1], chosen[source : source + n],
+                            mx.array(after.p.tokens[1 + n :])]).astype(mx.int32)
+        lazy = seq.select(self._run(seq, after.p, after.rows, tokens=x[None]), after)
+        mx.async_eval(lazy)
+        return after, lazy, source, saved
+
+    def _plan_after(self, seq: "Decoding", plan: "Plan", rows: int = 1):
+        """The fused pass that follows ``plan`` (run, not yet read) if all its
+        drafts are accepted: ``(its plan, where its drafts are among the
+        tokens ``plan`` selects, the policy state and counts to go back to)``,
+        with the cache trimmed to ``plan``'s anchor and drafts; its anchor and
+        drafts are placeholders until :meth:`_take_after`. None where that
+        pass cannot be foreseen (nothing changed). ``rows``: the batch's."""
         s, p = seq.state, plan.p
         k, g = len(plan.drafts), plan.g
         committed, position = seq.committed + k + 1, s.position + k + 1
@@ -504,24 +504,51 @@ class Engine:
         # what to go back to when the pass is dropped: the policy's choices and the counts before it
         saved = (policy.choices() if policy is not None else None, seq.stats.accepted_draft_tokens,
                  seq.stats.peak_kv_tokens)
-        choices = saved[0]
-        g2, layout = seq._choice()
+        g2, layout = seq._choice(rows)
         n = min(g, max(0, seq.max_tokens - committed - 1))
         if not g2:
             if policy is not None:
-                policy.undo_choices(choices)
+                policy.undo_choices(saved[0])
             return None
         seq.cache.trim(len(p) - (1 + k))
         p2 = self.builder.decode(0, position, seq.cache.length, [0] * n, g2, [n] if layout == "last" else None)
         source = k + 1 + p.foresight_prefixes.index(k) * g
-        x = mx.concatenate([chosen[k : k + 1], chosen[source : source + n],
-                            mx.array(p2.tokens[1 + n :])]).astype(mx.int32)
-        rows = np.concatenate([p2.exact_rows] + p2.foresight_rows)
+        rows_read = np.concatenate([p2.exact_rows] + p2.foresight_rows)
         groups = list(range(n + 1)) + [j for j in p2.foresight_prefixes for _ in range(g2)]
-        after = Plan("fused", p2, rows, [0] * n, g2, groups, None)
-        lazy = seq.select(self._run(seq, p2, rows, tokens=x[None]), after)
-        mx.async_eval(lazy)
-        return after, lazy, source, saved
+        return Plan("fused", p2, rows_read, [0] * n, g2, groups, None), source, saved
+
+    def _unplan_after(self, seq: "Decoding", plan: "Plan", saved):
+        """Undo :meth:`_plan_after` before its pass was issued."""
+        seq.cache.restore(len(plan.p) - (1 + len(plan.drafts)))
+        if seq.policy is not None:
+            seq.policy.undo_choices(saved[0])
+
+    def _take_after(self, seq: "Decoding", plan: "Plan", tokens: List[int], after: "Plan", source: int,
+                    saved) -> bool:
+        """Apply ``plan`` (its tokens read) while the pass :meth:`_plan_after`
+        planned after it is in the cache too; True when that pass stands
+        (every draft accepted, decoding goes on with drafting: its anchor and
+        drafts are filled in), else it is dropped (its entries trimmed, the
+        policy's choice for it undone) and False."""
+        choices, accepted, peak = saved
+        k, width = len(plan.drafts), len(after.p)
+        seq.cache.trim(width)
+        seq.apply(plan, tokens, held=1 + k)
+        s = seq.state
+        n = len(after.drafts)
+        if (seq.stats.accepted_draft_tokens - accepted == k and seq.done() is None and not seq.must_compress()
+                and len(s.drafts) >= n):
+            seq.cache.restore(width)
+            drafts = [int(t) for t in tokens[source : source + n]]
+            after.drafts[:] = drafts
+            after.p.tokens[: n + 1] = [s.anchor] + drafts
+            after.prefixes = [after.p.tokens[1 : i + 1] for i in range(n + 1)]
+            return True
+        if seq.policy is not None:
+            seq.policy.undo_choices(choices)
+        seq.stats.peak_kv_tokens = max(peak, seq.cache.length)
+        seq.stats.discarded_passes += 1
+        return False
 
     def _decode_lazy(self, seq: "Decoding", token: mx.array, position: int) -> mx.array:
         """Issue a one-token pass feeding ``token`` (possibly not yet
@@ -585,7 +612,7 @@ class BatchEngine(Engine):
     """
 
     min_chunk: Optional[int] = None  # a fixed chunk width for compress blocks (None: chunk_width decides)
-    pipeline = True  # issue the next pass of plain-decoding rows before reading the current one
+    pipeline = True  # issue the next pass before reading the current one where every row can go on
     shares_acceptance = False
 
     def __init__(self, model, cfg: Optional[MemoSightConfig], **options):
@@ -596,7 +623,8 @@ class BatchEngine(Engine):
         self._started: dict = {}  # uid -> time of the first token
         self._pending: dict = {}  # uid -> (compress plan, tokens of it fed so far)
         self._pass_cost: Optional[PassCost] = None
-        self._ahead = None  # a pass issued before the previous one was read: (feeds, its tokens)
+        # a pass issued before the previous one was read: (feeds, its tokens, per row whether it stands)
+        self._ahead = None
 
     def __len__(self):
         return len(self.sequences)
@@ -675,17 +703,33 @@ class BatchEngine(Engine):
             if plan.kind == "compress" and width is not None and end - fed > width and fed < int(plan.rows[0]):
                 end = min(fed + width, int(plan.rows[0]))  # logits are read from rows[0] on
             feeds.append((seq, plan, fed, end))
-        tokens = self._run_batch(feeds)
+        chosen = self._issue(feeds)
+        ahead = self._issue_ahead(feeds, chosen)
+        self._commit(out, feeds, self._read(feeds, chosen), ahead)
+        return list(out.values())
+
+    def _commit(self, out, feeds, tokens, ahead, go_on=None):
+        """Commit each row's tokens of a pass that was read (a row whose
+        compress block goes on in later passes commits nothing yet; rows not
+        in ``go_on`` were dropped from it). ``ahead``: the pass issued after
+        it (:meth:`_issue_ahead`), which a drafting row keeps only when every
+        draft was accepted (:meth:`Engine._take_after`)."""
         now = time.perf_counter()
-        for (seq, plan, fed, end), toks in zip(feeds, tokens):
+        kept = [None] * len(feeds)  # per drafting row of the pass ahead: whether it stands
+        for b, ((seq, plan, fed, end), toks) in enumerate(zip(feeds, tokens)):
+            if go_on is not None and not go_on[b]:
+                continue
             if end < len(plan.p):
                 self._pending[seq.uid] = (plan, end)
                 seq.stats.forward_passes += 1
+            elif ahead is not None and ahead[2][b] is not None:
+                kept[b] = self._take_after(seq, plan, toks, ahead[0][b][1], *ahead[2][b])
             else:
                 seq.apply(plan, toks)
-                out[seq.uid].events += seq.take_events()
+            out[seq.uid].events += seq.take_events()
             seq.stats.generation_time = now - self._started[seq.uid]
-        return list(out.values())
+        if ahead is not None:
+            self._ahead = (ahead[0], ahead[1], kept)
 
     def chunk_width(self, rows: int) -> Optional[int]:
         """The widest chunk of a compress block in a pass of ``rows`` rows
@@ -704,15 +748,6 @@ class BatchEngine(Engine):
             self._pass_cost = self._policy_args[0] if self._policy_args else PassCost.for_model(self.model)
         p = self._pass_cost.per_token
         return 1 if 1 - p < p * rows * (rows - 1) else None
-
-    def _run_batch(self, feeds) -> List[Optional[List[int]]]:
-        """One pass in which row ``b`` feeds tokens ``[fed, end)`` of its
-        plan's block (rows in the batch's order); the selected tokens of
-        each row whose block ends in this pass (None for the others)."""
-        chosen = self._issue(feeds)
-        if self._can_run_ahead(feeds):
-            self._ahead = self._issue_ahead(feeds, chosen)
-        return self._read(feeds, chosen)
 
     @staticmethod
     def _read(feeds, chosen) -> List[Optional[List[int]]]:
@@ -781,44 +816,77 @@ class BatchEngine(Engine):
         mx.async_eval(chosen)
         return chosen
 
-    # -- plain decoding, pipelined -------------------------------------------
-    def _can_run_ahead(self, feeds) -> bool:
-        """Every sequence of the batch decodes one greedy token in this pass:
-        the next pass can be issued before this one is read (as mlx-lm
-        does), feeding the tokens it is computing."""
-        return (self.pipeline and len(feeds) == len(self.sequences)
-                and all(plan.kind == "decode" and end == len(plan.p) and seq.greedy
-                        and seq.committed + 1 < seq.max_tokens for seq, plan, _, end in feeds))
-
+    # -- pipelining -------------------------------------------------------------
     def _issue_ahead(self, feeds, chosen):
-        ahead = []
-        for seq, _, _, _ in feeds:
-            s = seq.state
-            # the token is not known yet: the plan holds a placeholder
-            ahead.append((seq, Plan.decode(self.builder, 0, s.position + 1, seq.cache.length), 0, 1))
-        return ahead, self._issue(ahead, chosen[:, :1])
+        """Issue the next pass before this one (``feeds``, selecting
+        ``chosen``, lazily) is read, as it will be if every row goes on: a
+        row decoding one token decodes the token being computed; a sequence
+        alone in the batch that verifies drafts feeds its next fused block
+        as if every draft is accepted (:meth:`Engine._plan_after`: its
+        anchor and drafts are this pass's tokens, fed before they are
+        read), as :class:`Engine` does. Returns ``(its feeds, its tokens
+        (lazy), per row the link to this pass's plan or None)``, or None
+        where some row cannot be foreseen (its block ends the row,
+        compresses, samples, drafts beside other rows, or its compress
+        block goes on), with nothing changed."""
+        # a drafting row goes ahead only alone: a row whose drafts are not all accepted drops its block
+        # of the pass ahead, a pass slot lost, and the batch goes on ahead only while every row does
+        kinds = ("decode", "fused") if len(feeds) == 1 else ("decode",)
+        if not (self.pipeline and len(feeds) == len(self.sequences)
+                and all(plan.kind in kinds and end == len(plan.p) and seq.greedy
+                        and seq.committed + 1 < seq.max_tokens for seq, plan, _, end in feeds)):
+            return None
+        planned = []  # per row: (the plan ahead, link to this pass's plan: (source, saved) or None)
+        for seq, plan, fed, end in feeds:
+            if plan.kind == "decode":
+                # the token is not known yet: the plan holds a placeholder
+                nxt = (Plan.decode(self.builder, 0, seq.state.position + 1, seq.cache.length), None)
+            else:
+                after = self._plan_after(seq, plan, rows=len(feeds))
+                nxt = None if after is None else (after[0], after[1:])
+            if nxt is None:
+                for (seq_b, plan_b, _, _), (_, link) in zip(feeds, planned):
+                    if link is not None:
+                        self._unplan_after(seq_b, plan_b, link[1])
+                return None
+            planned.append(nxt)
+        # row b's block: its anchor and drafts from the tokens row b selects in this pass, then its
+        # foresight tokens (and padding)
+        B, N = len(feeds), max(len(after.p) for after, _ in planned)
+        index = np.zeros((B, N), np.int32)
+        given = np.zeros((B, N), np.int32)
+        fixed = np.ones((B, N), bool)
+        for b, ((_, plan, _, _), (after, link)) in enumerate(zip(feeds, planned)):
+            n = len(after.drafts)
+            if link is not None:
+                k, source = len(plan.drafts), link[0]
+                index[b, : n + 1] = [k] + list(range(source, source + n))
+                given[b, n + 1 : len(after.p)] = after.p.tokens[n + 1 :]
+            fixed[b, : n + 1] = False
+        tokens = mx.where(mx.array(fixed), mx.array(given), mx.take_along_axis(chosen, mx.array(index), axis=1))
+        ahead = [(seq, after, 0, len(after.p)) for (seq, _, _, _), (after, _) in zip(feeds, planned)]
+        return ahead, self._issue(ahead, tokens), [link for _, link in planned]
 
     def _step_ahead(self, out) -> List[BatchResult]:
-        """Take the pass issued ahead: keep the rows whose previous token let
-        them go on decoding plainly, drop the entry of the others (it fed a
-        token they do not decode next), and issue the next pass ahead again
-        while every row goes on."""
-        feeds, chosen = self._ahead
+        """Take the pass issued ahead: keep the rows that went on as it
+        assumed (a decoding row whose previous token neither ended it nor
+        started a compress block; a drafting row all of whose drafts were
+        accepted) and drop the entries of the others; issue the next pass
+        ahead again while every row goes on."""
+        feeds, chosen, kept = self._ahead
         self._ahead = None
-        go_on = [seq for seq, _, _, _ in feeds if seq in self.sequences and seq.done() is None
-                 and not seq.must_compress()]
-        if len(go_on) == len(feeds) and self._can_run_ahead(feeds):
-            self._ahead = self._issue_ahead(feeds, chosen)
-        tokens = self._read(feeds, chosen)
-        now = time.perf_counter()
-        for (seq, plan, _, _), toks in zip(feeds, tokens):
-            if seq not in go_on:
-                if seq in self.sequences:
+        go_on = []
+        for (seq, _, _, _), k in zip(feeds, kept):
+            if seq not in self.sequences:
+                go_on.append(False)
+            elif k is None:  # a decoding row: its entry of this pass goes with it
+                go_on.append(seq.done() is None and not seq.must_compress())
+                if not go_on[-1]:
                     seq.cache.trim(1)
-                continue
-            seq.apply(plan, toks)
-            out[seq.uid].events += seq.take_events()
-            seq.stats.generation_time = now - self._started[seq.uid]
+            else:  # a drafting row: its entries went when its drafts were read
+                go_on.append(k)
+        ahead = self._issue_ahead(feeds, chosen) if all(go_on) else None
+        self._commit(out, feeds, self._read(feeds, chosen), ahead, go_on)
         return list(out.values())
 
     def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,

@@ -244,12 +244,12 @@ def test_compress_blocks_fed_in_chunks(loaded, min_chunk):
     engine.min_chunk = min_chunk
     chunked = 0
 
-    def spy(feeds):
+    def spy(feeds, lazy_tokens=None):
         nonlocal chunked
         chunked += sum(end < len(plan.p) for _, plan, _, end in feeds)
-        return run(feeds)
+        return issue(feeds, lazy_tokens)
 
-    run, engine._run_batch = engine._run_batch, spy
+    issue, engine._issue = engine._issue, spy
     got, _ = continuous(engine, prompts, [MAX_TOKENS] * 6, 6)
     assert got == expected
     assert chunked > 0
@@ -318,3 +318,60 @@ def test_plain_rows_run_a_pass_ahead(loaded, kw):
     engine = BatchEngine(model, cfg, **kw)
     engine.pipeline = False
     assert continuous(engine, prompts, max_tokens, 5)[0] == expected
+
+
+@pytest.mark.parametrize("kw", [dict(draft_len=2, foresight_sets="last"), dict(draft_len=3, foresight_sets="all")],
+                         ids=["draft-2-last", "draft-3-all"])
+def test_a_drafting_sequence_alone_runs_a_pass_ahead(loaded, kw):
+    """A sequence alone in the batch that verifies drafts issues its next
+    fused block, as it will be if every draft is accepted, before the pass
+    is read; it keeps that block when every draft was accepted and drops it
+    otherwise (as Engine does). Each sequence's tokens, passes, drafts and
+    largest cache are those of the batch that reads every pass first; with
+    other rows beside it, a drafting row does not go ahead."""
+    batch_size = 1
+    task, model, cfg = loaded
+    prompts = sixteen_prompts(task, seed=9)[:8]
+    max_tokens = budgets(len(prompts))
+    expected = alone(model, cfg, prompts, max_tokens, **kw)
+
+    def decode(engine):
+        waiting, uid_of, tokens, stats = list(range(len(prompts))), {}, defaultdict(list), {}
+        while waiting or len(engine):
+            while waiting and len(engine) < batch_size:
+                i = waiting.pop(0)
+                uid_of[engine.add(prompts[i], max_tokens[i])] = i
+            for r in engine.step():
+                tokens[uid_of[r.uid]] += [e.token for e in r.events]
+                if r.finished:
+                    s = r.stats
+                    stats[uid_of[r.uid]] = (s.forward_passes, s.pass_tokens, s.compress_events, s.drafted_tokens,
+                                            s.accepted_draft_tokens, s.peak_kv_tokens, s.discarded_passes)
+        return [tokens[i] for i in range(len(prompts))], [stats[i] for i in range(len(prompts))]
+
+    engine = BatchEngine(model, cfg, **kw)
+    kept, take = [], engine._take_after
+
+    def spy(*a):
+        kept.append(take(*a))
+        return kept[-1]
+
+    engine._take_after = spy
+    got, stats = decode(engine)
+    assert got == expected
+    assert sum(kept) >= 5 and kept.count(False) >= 1
+    assert sum(s[-1] for s in stats) == kept.count(False)  # dropped passes, counted per sequence
+    engine = BatchEngine(model, cfg, **kw)
+    engine.pipeline = False
+    tokens, unpiped = decode(engine)
+    assert tokens == expected
+    assert [s[:-1] for s in stats] == [s[:-1] for s in unpiped] and not any(s[-1] for s in unpiped)
+    engine = BatchEngine(model, cfg, **kw)
+    alone_in_batch = []
+
+    def spy_rows(*a):
+        alone_in_batch.append(len(engine) == 1)
+        return take(*a)
+
+    take, engine._take_after = engine._take_after, spy_rows
+    assert continuous(engine, prompts, max_tokens, 4)[0] == expected and all(alone_in_batch)

@@ -94,8 +94,8 @@ def test_pass_cost_script():
 
 def test_pipeline_bench_script():
     """examples/bench_pipeline.py decodes with passes issued ahead and one by
-    one (and compiled and op by op), checks the tokens are the same and prints
-    a row per drafting setting."""
+    one (and compiled and op by op; and through the batch engine), checks the
+    tokens are the same and prints a row per drafting setting."""
     r = subprocess.run([sys.executable, "examples/bench_pipeline.py", "--limit", "2", "--rounds", "1",
                         "--max-tokens", "60"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -108,6 +108,12 @@ def test_pipeline_bench_script():
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("draft 3", "policy", "compression", "plain"))]
     assert len(rows) == 5 and "op by op" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "examples/bench_pipeline.py", "--limit", "2", "--rounds", "1",
+                        "--max-tokens", "60", "--batch"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("draft 3", "policy"))]
+    assert len(rows) == 3 and "batch engine" in r.stdout, r.stdout
+    assert all(int(row[-2]) > 0 and float(row[-3].rstrip("x")) > 0 for row in rows), r.stdout
 
 
 def test_drafting_choices_script():
