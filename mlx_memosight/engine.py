@@ -623,7 +623,8 @@ class BatchEngine(Engine):
         self._started: dict = {}  # uid -> time of the first token
         self._pending: dict = {}  # uid -> (compress plan, tokens of it fed so far)
         self._pass_cost: Optional[PassCost] = None
-        # a pass issued before the previous one was read: (feeds, its tokens, per row whether it stands)
+        # a pass issued before the previous one was read: (feeds, its tokens, per drafting row whether
+        # its block stands (None for a decoding row), per row its link to the pass before (None: decoding))
         self._ahead = None
 
     def __len__(self):
@@ -654,6 +655,7 @@ class BatchEngine(Engine):
 
     def _retire(self, seq: "Decoding", reason: str):
         self._pending.pop(seq.uid, None)
+        self._drop_ahead(seq)
         seq.stats.finish_reason = reason
         seq.stats.generation_time = time.perf_counter() - self._started.pop(seq.uid)
         seq.finish()
@@ -680,7 +682,9 @@ class BatchEngine(Engine):
             else:
                 active.append(seq)
         if self._ahead is not None:
-            return self._step_ahead(out)
+            taken = self._step_ahead(out)
+            if taken is not None:
+                return taken
         if not active:
             return list(out.values())
         plans = {}
@@ -728,8 +732,8 @@ class BatchEngine(Engine):
                 seq.apply(plan, toks)
             out[seq.uid].events += seq.take_events()
             seq.stats.generation_time = now - self._started[seq.uid]
-        if ahead is not None:
-            self._ahead = (ahead[0], ahead[1], kept)
+        if ahead is not None and any(k is not False for k in kept):
+            self._ahead = (ahead[0], ahead[1], kept, ahead[2])
 
     def chunk_width(self, rows: int) -> Optional[int]:
         """The widest chunk of a compress block in a pass of ``rows`` rows
@@ -825,10 +829,11 @@ class BatchEngine(Engine):
         as if every draft is accepted (:meth:`Engine._plan_after`: its
         anchor and drafts are this pass's tokens, fed before they are
         read), as :class:`Engine` does. Returns ``(its feeds, its tokens
-        (lazy), per row the link to this pass's plan or None)``, or None
-        where some row cannot be foreseen (its block ends the row,
-        compresses, samples, drafts beside other rows, or its compress
-        block goes on), with nothing changed."""
+        (lazy), per row the link to this pass's plan or None)``, or None,
+        with nothing changed, where the pipeline is off, a sequence joined
+        or left since this pass was planned, or some row cannot be foreseen
+        (its block ends the row, compresses, samples, drafts beside other
+        rows, or its compress block goes on)."""
         # a drafting row goes ahead only alone: a row whose drafts are not all accepted drops its block
         # of the pass ahead, a pass slot lost, and the batch goes on ahead only while every row does
         kinds = ("decode", "fused") if len(feeds) == 1 else ("decode",)
@@ -850,6 +855,10 @@ class BatchEngine(Engine):
                         self._unplan_after(seq_b, plan_b, link[1])
                 return None
             planned.append(nxt)
+        ahead = [(seq, after, 0, len(after.p)) for (seq, _, _, _), (after, _) in zip(feeds, planned)]
+        links = [link for _, link in planned]
+        if not any(links):  # every row decodes the token it selects
+            return ahead, self._issue(ahead, chosen[:, :1]), links
         # row b's block: its anchor and drafts from the tokens row b selects in this pass, then its
         # foresight tokens (and padding)
         B, N = len(feeds), max(len(after.p) for after, _ in planned)
@@ -864,16 +873,16 @@ class BatchEngine(Engine):
                 given[b, n + 1 : len(after.p)] = after.p.tokens[n + 1 :]
             fixed[b, : n + 1] = False
         tokens = mx.where(mx.array(fixed), mx.array(given), mx.take_along_axis(chosen, mx.array(index), axis=1))
-        ahead = [(seq, after, 0, len(after.p)) for (seq, _, _, _), (after, _) in zip(feeds, planned)]
-        return ahead, self._issue(ahead, tokens), [link for _, link in planned]
+        return ahead, self._issue(ahead, tokens), links
 
-    def _step_ahead(self, out) -> List[BatchResult]:
+    def _step_ahead(self, out) -> Optional[List[BatchResult]]:
         """Take the pass issued ahead: keep the rows that went on as it
         assumed (a decoding row whose previous token neither ended it nor
         started a compress block; a drafting row all of whose drafts were
         accepted) and drop the entries of the others; issue the next pass
-        ahead again while every row goes on."""
-        feeds, chosen, kept = self._ahead
+        ahead again while every row goes on. None where no row goes on (the
+        pass is not read; the iteration plans afresh)."""
+        feeds, chosen, kept, _ = self._ahead
         self._ahead = None
         go_on = []
         for (seq, _, _, _), k in zip(feeds, kept):
@@ -885,9 +894,29 @@ class BatchEngine(Engine):
                     seq.cache.trim(1)
             else:  # a drafting row: its entries went when its drafts were read
                 go_on.append(k)
+        if not any(go_on):
+            return None
         ahead = self._issue_ahead(feeds, chosen) if all(go_on) else None
         self._commit(out, feeds, self._read(feeds, chosen), ahead, go_on)
         return list(out.values())
+
+    def _drop_ahead(self, seq: "Decoding"):
+        """A sequence leaves while a pass issued ahead holds a block of it:
+        take that block out of its cache and statistics (as a dropped pass)."""
+        if self._ahead is None:
+            return
+        feeds, _, kept, links = self._ahead
+        for b, (s, plan, _, _) in enumerate(feeds):
+            if s is not seq or kept[b] is False:
+                continue  # another row, or a block dropped already
+            seq.cache.trim(len(plan.p))
+            if links[b] is not None:
+                choices, _, peak = links[b][1]
+                if seq.policy is not None:
+                    seq.policy.undo_choices(choices)
+                seq.stats.peak_kv_tokens = peak
+                seq.stats.discarded_passes += 1
+            kept[b] = False
 
     def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,
             batch_size: int) -> Iterator[List[Tuple[int, BatchResult]]]:

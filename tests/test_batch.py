@@ -352,14 +352,18 @@ def test_a_drafting_sequence_alone_runs_a_pass_ahead(loaded, kw):
     engine = BatchEngine(model, cfg, **kw)
     kept, take = [], engine._take_after
 
+    rejected = 0  # blocks dropped for a rejected draft (the sequence goes on, without a compress block next)
+
     def spy(*a):
+        nonlocal rejected
         kept.append(take(*a))
+        rejected += not kept[-1] and a[0].done() is None and not a[0].must_compress()
         return kept[-1]
 
     engine._take_after = spy
     got, stats = decode(engine)
     assert got == expected
-    assert sum(kept) >= 5 and kept.count(False) >= 1
+    assert sum(kept) >= 5 and rejected >= 1
     assert sum(s[-1] for s in stats) == kept.count(False)  # dropped passes, counted per sequence
     engine = BatchEngine(model, cfg, **kw)
     engine.pipeline = False
@@ -374,4 +378,34 @@ def test_a_drafting_sequence_alone_runs_a_pass_ahead(loaded, kw):
         return take(*a)
 
     take, engine._take_after = engine._take_after, spy_rows
-    assert continuous(engine, prompts, max_tokens, 4)[0] == expected and all(alone_in_batch)
+    assert continuous(engine, prompts, max_tokens, 4)[0] == expected and alone_in_batch and all(alone_in_batch)
+
+
+def test_a_sequence_leaving_drops_its_block_ahead(loaded):
+    """A drafting sequence cancelled while its next block, issued ahead,
+    stands in the cache leaves with the statistics of one cancelled after as
+    many iterations without passes ahead, that block counted as a dropped
+    pass; a sequence joining afterwards decodes as it does alone."""
+    task, model, cfg = loaded
+    kw = dict(draft_len=2, foresight_sets="last")
+    prompt, other = sixteen_prompts(task, seed=3)[:2]
+    expected = alone(model, cfg, [other], [MAX_TOKENS], **kw)[0]
+    left, steps = {}, None
+    for pipeline in (True, False):
+        engine = BatchEngine(model, cfg, **kw)
+        engine.pipeline = pipeline
+        uid = engine.add(prompt, MAX_TOKENS)
+        n = 0
+        while (n < 6 or engine._ahead is None or engine._ahead[2] != [True]) if pipeline else n < steps:
+            engine.step()
+            n += 1
+        steps = n
+        s = engine.cancel(uid)
+        left[pipeline] = (s.generated_tokens, s.forward_passes, s.pass_tokens, s.final_kv_tokens, s.peak_kv_tokens,
+                          s.accepted_draft_tokens, s.discarded_passes)
+        engine.add(other, MAX_TOKENS)
+        tokens = []
+        while len(engine):
+            tokens += [e.token for r in engine.step() for e in r.events]
+        assert tokens == expected
+    assert left[True][:-1] == left[False][:-1] and left[True][-1] >= 1 and left[False][-1] == 0
