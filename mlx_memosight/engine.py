@@ -479,20 +479,27 @@ class Engine:
         if planned is None:
             return None
         after, source, saved = planned
-        n, k = len(after.drafts), len(plan.drafts)
-        x = mx.concatenate([chosen[k : k + 1], chosen[source : source + n],
-                            mx.array(after.p.tokens[1 + n :])]).astype(mx.int32)
+        x = self._after_tokens(plan, after, source, chosen)
         lazy = seq.select(self._run(seq, after.p, after.rows, tokens=x[None]), after)
         mx.async_eval(lazy)
         return after, lazy, source, saved
 
-    def _plan_after(self, seq: "Decoding", plan: "Plan", rows: int = 1):
+    @staticmethod
+    def _after_tokens(plan: "Plan", after: "Plan", source: int, chosen: mx.array) -> mx.array:
+        """The tokens of the pass :meth:`_plan_after` planned after ``plan``:
+        its anchor and drafts as ``plan``'s pass selects them (``chosen``,
+        not yet computed), then its foresight tokens."""
+        n, k = len(after.drafts), len(plan.drafts)
+        return mx.concatenate([chosen[k : k + 1], chosen[source : source + n],
+                               mx.array(after.p.tokens[1 + n :])]).astype(mx.int32)
+
+    def _plan_after(self, seq: "Decoding", plan: "Plan"):
         """The fused pass that follows ``plan`` (run, not yet read) if all its
         drafts are accepted: ``(its plan, where its drafts are among the
         tokens ``plan`` selects, the policy state and counts to go back to)``,
         with the cache trimmed to ``plan``'s anchor and drafts; its anchor and
         drafts are placeholders until :meth:`_take_after`. None where that
-        pass cannot be foreseen (nothing changed). ``rows``: the batch's."""
+        pass cannot be foreseen (nothing changed)."""
         s, p = seq.state, plan.p
         k, g = len(plan.drafts), plan.g
         committed, position = seq.committed + k + 1, s.position + k + 1
@@ -504,7 +511,7 @@ class Engine:
         # what to go back to when the pass is dropped: the policy's choices and the counts before it
         saved = (policy.choices() if policy is not None else None, seq.stats.accepted_draft_tokens,
                  seq.stats.peak_kv_tokens)
-        g2, layout = seq._choice(rows)
+        g2, layout = seq._choice()
         n = min(g, max(0, seq.max_tokens - committed - 1))
         if not g2:
             if policy is not None:
@@ -516,12 +523,6 @@ class Engine:
         rows_read = np.concatenate([p2.exact_rows] + p2.foresight_rows)
         groups = list(range(n + 1)) + [j for j in p2.foresight_prefixes for _ in range(g2)]
         return Plan("fused", p2, rows_read, [0] * n, g2, groups, None), source, saved
-
-    def _unplan_after(self, seq: "Decoding", plan: "Plan", saved):
-        """Undo :meth:`_plan_after` before its pass was issued."""
-        seq.cache.restore(len(plan.p) - (1 + len(plan.drafts)))
-        if seq.policy is not None:
-            seq.policy.undo_choices(saved[0])
 
     def _take_after(self, seq: "Decoding", plan: "Plan", tokens: List[int], after: "Plan", source: int,
                     saved) -> bool:
@@ -845,34 +846,19 @@ class BatchEngine(Engine):
         for seq, plan, fed, end in feeds:
             if plan.kind == "decode":
                 # the token is not known yet: the plan holds a placeholder
-                nxt = (Plan.decode(self.builder, 0, seq.state.position + 1, seq.cache.length), None)
-            else:
-                after = self._plan_after(seq, plan, rows=len(feeds))
-                nxt = None if after is None else (after[0], after[1:])
-            if nxt is None:
-                for (seq_b, plan_b, _, _), (_, link) in zip(feeds, planned):
-                    if link is not None:
-                        self._unplan_after(seq_b, plan_b, link[1])
-                return None
-            planned.append(nxt)
+                planned.append((Plan.decode(self.builder, 0, seq.state.position + 1, seq.cache.length), None))
+            else:  # a drafting sequence, alone
+                after = self._plan_after(seq, plan)
+                if after is None:
+                    return None
+                planned.append((after[0], after[1:]))
         ahead = [(seq, after, 0, len(after.p)) for (seq, _, _, _), (after, _) in zip(feeds, planned)]
         links = [link for _, link in planned]
         if not any(links):  # every row decodes the token it selects
-            return ahead, self._issue(ahead, chosen[:, :1]), links
-        # row b's block: its anchor and drafts from the tokens row b selects in this pass, then its
-        # foresight tokens (and padding)
-        B, N = len(feeds), max(len(after.p) for after, _ in planned)
-        index = np.zeros((B, N), np.int32)
-        given = np.zeros((B, N), np.int32)
-        fixed = np.ones((B, N), bool)
-        for b, ((_, plan, _, _), (after, link)) in enumerate(zip(feeds, planned)):
-            n = len(after.drafts)
-            if link is not None:
-                k, source = len(plan.drafts), link[0]
-                index[b, : n + 1] = [k] + list(range(source, source + n))
-                given[b, n + 1 : len(after.p)] = after.p.tokens[n + 1 :]
-            fixed[b, : n + 1] = False
-        tokens = mx.where(mx.array(fixed), mx.array(given), mx.take_along_axis(chosen, mx.array(index), axis=1))
+            tokens = chosen[:, :1]
+        else:  # a drafting sequence, alone
+            ((_, plan, _, _),), ((after, link),) = feeds, planned
+            tokens = self._after_tokens(plan, after, link[0], chosen[0])[None]
         return ahead, self._issue(ahead, tokens), links
 
     def _step_ahead(self, out) -> Optional[List[BatchResult]]:

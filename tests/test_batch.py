@@ -53,7 +53,7 @@ def continuous(engine, prompts, max_tokens, batch_size):
             i = uid_of[r.uid]
             tokens[i] += [e.token for e in r.events]
             it[i] = dict(compress=any(e.compress_event for e in r.events),
-                         drafted=sum(e.from_draft for e in r.events), finished=r.finished)
+                         drafted=sum(e.from_draft for e in r.events), finished=r.finished, stats=r.stats)
         log.append(it)
     return [tokens[i] for i in range(len(prompts))], log
 
@@ -329,25 +329,18 @@ def test_a_drafting_sequence_alone_runs_a_pass_ahead(loaded, kw):
     otherwise (as Engine does). Each sequence's tokens, passes, drafts and
     largest cache are those of the batch that reads every pass first; with
     other rows beside it, a drafting row does not go ahead."""
-    batch_size = 1
     task, model, cfg = loaded
     prompts = sixteen_prompts(task, seed=9)[:8]
     max_tokens = budgets(len(prompts))
     expected = alone(model, cfg, prompts, max_tokens, **kw)
 
     def decode(engine):
-        waiting, uid_of, tokens, stats = list(range(len(prompts))), {}, defaultdict(list), {}
-        while waiting or len(engine):
-            while waiting and len(engine) < batch_size:
-                i = waiting.pop(0)
-                uid_of[engine.add(prompts[i], max_tokens[i])] = i
-            for r in engine.step():
-                tokens[uid_of[r.uid]] += [e.token for e in r.events]
-                if r.finished:
-                    s = r.stats
-                    stats[uid_of[r.uid]] = (s.forward_passes, s.pass_tokens, s.compress_events, s.drafted_tokens,
-                                            s.accepted_draft_tokens, s.peak_kv_tokens, s.discarded_passes)
-        return [tokens[i] for i in range(len(prompts))], [stats[i] for i in range(len(prompts))]
+        """Each sequence alone in the batch: its tokens and final statistics."""
+        tokens, log = continuous(engine, prompts, max_tokens, 1)
+        final = {i: row["stats"] for it in log for i, row in it.items() if row["finished"]}
+        return tokens, [(s.forward_passes, s.pass_tokens, s.compress_events, s.drafted_tokens,
+                         s.accepted_draft_tokens, s.peak_kv_tokens, s.discarded_passes)
+                        for s in (final[i] for i in range(len(prompts)))]
 
     engine = BatchEngine(model, cfg, **kw)
     kept, take = [], engine._take_after
